@@ -1,0 +1,26 @@
+"""bilevel: gradient-based hyperparameter optimisation with millions of hyperparameters.
+
+Implements Lorraine, Vicol & Duvenaud (2020), "Optimizing Millions of Hyperparameters by
+Implicit Differentiation", on torch.func and torchopt.
+"""
+
+from bilevel._hvp import HVP, FiniteDifferenceHVP, ForwardOverReverseHVP, ReverseHVP
+from bilevel._hypergradient import HypergradInfo, hypergradient
+from bilevel._strategies import ConjugateGradient, Exact, Identity, Neumann, Strategy, Unroll
+
+__all__ = [
+    "HVP",
+    "ConjugateGradient",
+    "Exact",
+    "FiniteDifferenceHVP",
+    "ForwardOverReverseHVP",
+    "HypergradInfo",
+    "Identity",
+    "Neumann",
+    "ReverseHVP",
+    "Strategy",
+    "Unroll",
+    "hypergradient",
+]
+
+__version__ = "0.1.0"

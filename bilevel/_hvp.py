@@ -1,0 +1,182 @@
+"""Hessian-vector products of the training loss, built on torch.func.
+
+Every IFT strategy needs two linear maps of the training loss L_T at (w, λ):
+
+* the Hessian-vector product  v ↦ H v,  H = ∂²L_T/∂w∂wᵀ  (many times, inside the solve), and
+* the mixed product           x ↦ (∂²L_T/∂w∂λᵀ)ᵀ x = ∇_λ ⟨∇_w L_T(w, λ), x⟩  (once, at the end).
+
+Three ways to get them are offered as small frozen configs; the default, :class:`ReverseHVP`,
+was the fastest in our measurements (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Final
+
+import torch
+from torch import Tensor
+
+from bilevel import _tree
+from bilevel._tree import Leaves
+
+# A training loss on flat leaves: (param leaves, hparam leaves) -> scalar.
+LeafLoss = Callable[[Leaves, Leaves], Tensor]
+
+
+class _Operator(abc.ABC):
+    """The two linear maps at one point (w, λ), with a count of HVPs applied."""
+
+    def __init__(self, loss: LeafLoss, w: Leaves, h: Leaves) -> None:
+        self.loss, self.w, self.h = loss, w, h
+        self.hvps = 0
+
+    def hvp(self, v: Sequence[Tensor]) -> list[Tensor]:
+        """H v."""
+        self.hvps += 1
+        return self._hvp(tuple(v))
+
+    @abc.abstractmethod
+    def _hvp(self, v: Leaves) -> list[Tensor]: ...
+
+    @abc.abstractmethod
+    def mixed_vjp(self, x: Sequence[Tensor]) -> list[Tensor]:
+        """(∂²L_T/∂w∂λᵀ)ᵀ x, shaped like the hparams."""
+
+    def _grad_w(self, w: Leaves, h: Leaves) -> Leaves:
+        return torch.func.grad(self.loss, argnums=0)(w, h)
+
+    def _grad_h(self, w: Leaves, h: Leaves) -> Leaves:
+        return torch.func.grad(self.loss, argnums=1)(w, h)
+
+
+class HVP(abc.ABC):
+    """Base of the HVP configurations; pass an instance as the ``hvp=`` field of a strategy."""
+
+    @abc.abstractmethod
+    def build(self, loss: LeafLoss, w: Leaves, h: Leaves) -> _Operator:
+        """Return the operator at (w, λ). Internal: strategies call this."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReverseHVP(HVP):
+    r"""Reverse-over-reverse HVPs from one linearisation reused for every product.
+
+    Builds ``torch.func.vjp`` of :math:`w \mapsto \nabla_w L_T(w, \lambda)` once per
+    hypergradient (one forward and one backward pass, graph kept), after which each product
+    :math:`Hv = v^\top H` (H is symmetric) is a single double-backward pass. The mixed product
+    is one separate VJP of :math:`\lambda \mapsto \nabla_w L_T(w, \lambda)`, so the HVPs never pay
+    for λ-cotangents the series does not use. Memory: one retained graph of the gradient.
+
+    Example:
+        >>> import bilevel
+        >>> strategy = bilevel.Neumann(steps=10, alpha=0.1, hvp=bilevel.ReverseHVP())
+    """
+
+    def build(self, loss: LeafLoss, w: Leaves, h: Leaves) -> _Operator:
+        return _ReverseOperator(loss, w, h)
+
+
+class _ReverseOperator(_Operator):
+    _vjp: Callable[[Leaves], tuple[Leaves]] | None = None
+
+    def _hvp(self, v: Leaves) -> list[Tensor]:
+        if self._vjp is None:  # built lazily: Identity / Neumann(1) never need it
+            _, self._vjp = torch.func.vjp(lambda w: self._grad_w(w, self.h), self.w)
+        return list(self._vjp(v)[0])
+
+    def mixed_vjp(self, x: Sequence[Tensor]) -> list[Tensor]:
+        _, vjp_h = torch.func.vjp(lambda h: self._grad_w(self.w, h), self.h)
+        return list(vjp_h(tuple(x))[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardOverReverseHVP(HVP):
+    r"""Forward-over-reverse HVPs: ``torch.func.jvp`` of :math:`\nabla_w L_T`, recomputed each time.
+
+    :math:`Hv = \frac{d}{d\epsilon}\nabla_w L_T(w + \epsilon v, \lambda)|_{\epsilon=0}`; the mixed
+    product is the forward derivative of :math:`\nabla_\lambda L_T` along x. Keeps no graph between
+    products (lowest memory of the exact modes) at the price of a forward and backward pass each.
+
+    Example:
+        >>> import bilevel
+        >>> strategy = bilevel.ConjugateGradient(maxiter=20, hvp=bilevel.ForwardOverReverseHVP())
+    """
+
+    def build(self, loss: LeafLoss, w: Leaves, h: Leaves) -> _Operator:
+        return _ForwardOperator(loss, w, h)
+
+
+class _ForwardOperator(_Operator):
+    def _hvp(self, v: Leaves) -> list[Tensor]:
+        _, hv = torch.func.jvp(lambda w: self._grad_w(w, self.h), (self.w,), (v,))
+        return list(hv)
+
+    def mixed_vjp(self, x: Sequence[Tensor]) -> list[Tensor]:
+        _, out = torch.func.jvp(lambda w: self._grad_h(w, self.h), (self.w,), (tuple(x),))
+        return list(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class FiniteDifferenceHVP(HVP):
+    r"""Centred finite differences of first derivatives only (no double backward needed).
+
+    .. math::
+        Hv \approx \frac{\nabla_w L_T(w + \epsilon v) - \nabla_w L_T(w - \epsilon v)}{2\epsilon},
+        \qquad
+        (\partial^2 L_T/\partial w\partial\lambda^\top)^\top x \approx
+        \frac{\nabla_\lambda L_T(w + \epsilon x) - \nabla_\lambda L_T(w - \epsilon x)}{2\epsilon}
+
+    with :math:`\epsilon = \text{rel\_step}\,(1 + \lVert w\rVert)/\lVert v\rVert`. The error is
+    :math:`O(\epsilon^2)` truncation plus :math:`O(\text{eps}_{\text{machine}}/\epsilon)` round-off;
+    the default ``rel_step`` (cube root of the dtype's machine epsilon) balances the two. Use it for
+    models whose kernels have no second derivative (e.g. cuDNN's fused RNNs on CUDA).
+
+    Args:
+        rel_step: relative step; ``None`` picks ``finfo(dtype).eps ** (1/3)``.
+
+    Example:
+        >>> import bilevel
+        >>> strategy = bilevel.Neumann(steps=5, alpha=0.1, hvp=bilevel.FiniteDifferenceHVP())
+    """
+
+    rel_step: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.rel_step is not None and not (
+            isinstance(self.rel_step, (int, float)) and 0 < self.rel_step < 1
+        ):
+            raise ValueError(
+                f"`FiniteDifferenceHVP(rel_step={self.rel_step!r})`: rel_step must be a float in "
+                f"(0, 1), or None for the dtype's cube-root machine epsilon."
+            )
+
+    def build(self, loss: LeafLoss, w: Leaves, h: Leaves) -> _Operator:
+        return _FiniteDifferenceOperator(loss, w, h, self.rel_step)
+
+
+class _FiniteDifferenceOperator(_Operator):
+    def __init__(self, loss: LeafLoss, w: Leaves, h: Leaves, rel_step: float | None) -> None:
+        super().__init__(loss, w, h)
+        dtype = w[0].dtype
+        self.rel_step: Final = rel_step if rel_step is not None else torch.finfo(dtype).eps ** (1 / 3)
+        self.w_scale: Final = 1.0 + float(_tree.norm(w))
+
+    def _central(self, grad: Callable[[Leaves, Leaves], Leaves], x: Sequence[Tensor]) -> list[Tensor]:
+        x_norm = float(_tree.norm(x))
+        if x_norm == 0.0 or not math.isfinite(x_norm):
+            # A zero direction has a zero product; a non-finite one must stay visible as such.
+            return _tree.scale(grad(self.w, self.h), 0.0 if x_norm == 0.0 else math.nan)
+        eps = self.rel_step * self.w_scale / x_norm
+        plus = grad(tuple(_tree.add(self.w, x, eps)), self.h)
+        minus = grad(tuple(_tree.add(self.w, x, -eps)), self.h)
+        return _tree.scale(_tree.add(plus, minus, -1.0), 1.0 / (2.0 * eps))
+
+    def _hvp(self, v: Leaves) -> list[Tensor]:
+        return self._central(self._grad_w, v)
+
+    def mixed_vjp(self, x: Sequence[Tensor]) -> list[Tensor]:
+        return self._central(self._grad_h, x)

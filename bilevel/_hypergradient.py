@@ -1,0 +1,263 @@
+"""The functional hypergradient: IFT assembly and the unrolled alternative.
+
+For an inner problem w*(λ) = argmin_w L_T(w, λ) and an outer loss L_V(w, λ), the implicit
+function theorem gives the total derivative
+
+    dL_V/dλ = ∂L_V/∂λ − (∂²L_T/∂w∂λᵀ)ᵀ H⁻¹ ∂L_V/∂w,        H = ∂²L_T/∂w∂wᵀ,
+
+evaluated at w = w*(λ). The data flow is one way: one gradient of L_V, an approximate
+solve x ≈ H⁻¹ ∂L_V/∂w using Hessian-vector products, and one mixed vector-Jacobian product.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import optree
+import torch
+import torchopt
+from torch import Tensor
+
+from bilevel import _linalg, _tree
+from bilevel._hvp import ReverseHVP
+from bilevel._strategies import (
+    STRATEGIES,
+    ConjugateGradient,
+    Exact,
+    Identity,
+    Neumann,
+    Strategy,
+    Unroll,
+)
+from bilevel._tree import Leaves
+
+Loss = Callable[[Any, Any, Any], Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class HypergradInfo:
+    """What happened while computing one hypergradient.
+
+    Tensors are returned as 0-dim tensors on the inputs' device so that reading the record costs
+    no host synchronisation until you ask for a value (``float(info.val_loss)``).
+
+    Attributes:
+        strategy: the strategy's name (``"neumann"``, ``"identity"``, ``"cg"``, ``"exact"``,
+            ``"unroll"``).
+        hvps: Hessian-vector products applied (power iteration and residual included; for
+            ``Exact`` the P columns of the dense Hessian).
+        val_loss: L_V at the given params and hparams (unrolled params for ``Unroll``).
+        residual: ‖(H + δI)x − ∂L_V/∂w‖ of the linear solve, or ``None`` where there is no solve
+            (``Unroll``) or it was not requested (Neumann/Identity: pass ``residual=True``;
+            costs one HVP).
+        iterations: CG iterations used (CG only).
+        converged: whether CG met its tolerance (CG only).
+        alpha: the Neumann step size used (resolved when ``alpha="auto"``).
+        lambda_max: the power-iteration estimate of the Hessian's spectral radius
+            (``alpha="auto"`` only).
+    """
+
+    strategy: str
+    hvps: int
+    val_loss: Tensor
+    residual: Tensor | None = None
+    iterations: int | None = None
+    converged: bool | None = None
+    alpha: float | None = None
+    lambda_max: float | None = None
+
+
+def _checked(loss: Any, name: str) -> Loss:
+    if not callable(loss):
+        raise TypeError(f"`{name}` must be a callable (params, hparams, batch) -> scalar Tensor, got {type(loss).__name__}.")
+
+    def checked(params: Any, hparams: Any, batch: Any) -> Tensor:
+        out = loss(params, hparams, batch)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"`{name}` must return a scalar torch.Tensor, got {type(out).__name__}.")
+        if out.ndim != 0:
+            raise ValueError(
+                f"`{name}` must return a scalar (0-dim) Tensor, got shape {tuple(out.shape)}; "
+                f"reduce it with .mean() or .sum()."
+            )
+        return out
+
+    return checked
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """A bilevel problem on flat leaves: the losses and the tree structures of params/hparams."""
+
+    train_loss: Loss
+    val_loss: Loss
+    params_spec: optree.PyTreeSpec
+    hparams_spec: optree.PyTreeSpec
+
+    @classmethod
+    def create(cls, train_loss: Any, val_loss: Any, params: Any, hparams: Any) -> tuple[Problem, Leaves, Leaves]:
+        """Validate user inputs; return the problem and detached param and hparam leaves."""
+        w, params_spec = _tree.flatten(params, "params", floating=True)
+        h, hparams_spec = _tree.flatten(hparams, "hparams", floating=True)
+        _tree.check_same_device(params=w, hparams=h)
+        problem = cls(_checked(train_loss, "train_loss"), _checked(val_loss, "val_loss"), params_spec, hparams_spec)
+        return problem, w, h
+
+    def on(self, loss: Loss, batch: Any) -> Callable[[Leaves, Leaves], Tensor]:
+        """``loss`` as a function of (param leaves, hparam leaves) on a fixed batch."""
+        return lambda w, h: loss(_tree.unflatten(self.params_spec, w), _tree.unflatten(self.hparams_spec, h), batch)
+
+    def params(self, w: Sequence[Tensor]) -> Any:
+        return _tree.unflatten(self.params_spec, w)
+
+    def hparams(self, h: Sequence[Tensor]) -> Any:
+        return _tree.unflatten(self.hparams_spec, h)
+
+
+def check_strategy(strategy: Any) -> Strategy:
+    if not isinstance(strategy, STRATEGIES):
+        names = ", ".join(f"bilevel.{cls.__name__}" for cls in STRATEGIES)
+        raise TypeError(f"`strategy` must be one of {names}; got {strategy!r}.")
+    return strategy
+
+
+def hypergradient(
+    train_loss: Callable[[Any, Any, Any], Tensor],
+    val_loss: Callable[[Any, Any, Any], Tensor],
+    params: Any,
+    hparams: Any,
+    train_batch: Any,
+    val_batch: Any,
+    strategy: Strategy = Neumann(steps=20, alpha=0.01),
+    *,
+    residual: bool = False,
+) -> tuple[Any, HypergradInfo]:
+    r"""Total derivative of the validation loss with respect to the hyperparameters.
+
+    .. math::
+        \frac{dL_V}{d\lambda} = \frac{\partial L_V}{\partial\lambda}
+          - \Big(\frac{\partial^2 L_T}{\partial w\,\partial\lambda^\top}\Big)^{\!\top}
+            H^{-1} \frac{\partial L_V}{\partial w},
+        \qquad H = \frac{\partial^2 L_T}{\partial w\,\partial w^\top},
+
+    at ``params`` taken as w*(λ) (run the inner optimisation to near-stationarity first). The
+    strategy chooses how H⁻¹v is approximated; with :class:`Unroll` the derivative is instead
+    taken through ``strategy.steps`` inner optimiser updates started at ``params``.
+
+    Args:
+        train_loss: ``(params, hparams, batch) -> scalar`` training loss L_T.
+        val_loss: ``(params, hparams, batch) -> scalar`` validation loss L_V (it may ignore hparams).
+        params: pytree (e.g. dict) of floating tensors, the inner parameters w.
+        hparams: pytree of floating tensors, the hyperparameters λ.
+        train_batch: passed to ``train_loss`` untouched.
+        val_batch: passed to ``val_loss`` untouched.
+        strategy: :class:`Neumann`, :class:`Identity`, :class:`ConjugateGradient`,
+            :class:`Exact` or :class:`Unroll`.
+        residual: also compute ‖Hx − ∂L_V/∂w‖ for Neumann/Identity (one extra HVP).
+
+    Returns:
+        ``(grads, info)``: ``grads`` has the structure, shapes, dtypes and devices of
+        ``hparams``; ``info`` is a :class:`HypergradInfo`.
+
+    Example:
+        >>> import torch, bilevel
+        >>> X, y = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, dtype=torch.float64)
+        >>> def train_loss(p, h, batch):
+        ...     X, y = batch
+        ...     return ((X @ p["w"] - y) ** 2).mean() + (h["log_l2"].exp() * p["w"] ** 2).sum()
+        >>> def val_loss(p, h, batch):
+        ...     X, y = batch
+        ...     return ((X @ p["w"] - y) ** 2).mean()
+        >>> params = {"w": torch.zeros(3, dtype=torch.float64)}
+        >>> hparams = {"log_l2": torch.zeros(3, dtype=torch.float64)}
+        >>> grads, info = bilevel.hypergradient(train_loss, val_loss, params, hparams,
+        ...                                     (X, y), (X, y), strategy=bilevel.Exact())
+        >>> grads["log_l2"].shape, info.strategy
+        (torch.Size([3]), 'exact')
+
+    References:
+        Lorraine, Vicol & Duvenaud (2020), Eq. IFT, Algorithms 2 and 3, Table 1.
+    """
+    strategy = check_strategy(strategy)
+    problem, w, h = Problem.create(train_loss, val_loss, params, hparams)
+    if isinstance(strategy, Unroll):
+        grads, info = unrolled_hypergradient(
+            problem, w, h, [train_batch] * strategy.steps, val_batch, strategy.optimizer,
+            strategy.optimizer.init(w),
+        )
+    else:
+        grads, info = ift_hypergradient(problem, w, h, train_batch, val_batch, strategy, residual=residual)
+    return problem.hparams(grads), info
+
+
+def ift_hypergradient(
+    problem: Problem,
+    w: Leaves,
+    h: Leaves,
+    train_batch: Any,
+    val_batch: Any,
+    strategy: Neumann | Identity | ConjugateGradient | Exact,
+    *,
+    residual: bool = False,
+) -> tuple[list[Tensor], HypergradInfo]:
+    """IFT hypergradient on flat leaves; see :func:`hypergradient`."""
+    train_f = problem.on(problem.train_loss, train_batch)
+    (gw, gh), val = torch.func.grad_and_value(problem.on(problem.val_loss, val_batch), argnums=(0, 1))(w, h)
+    name = strategy.name
+    if isinstance(strategy, Identity):
+        strategy = strategy.as_neumann()
+    op = (ReverseHVP() if isinstance(strategy, Exact) else strategy.hvp).build(train_f, w, h)
+    extra: dict[str, Any] = {}
+
+    if isinstance(strategy, Neumann):
+        alpha = strategy.alpha
+        if alpha == "auto":
+            lam = float(_linalg.power_iteration(op.hvp, w, strategy.power_iters))
+            alpha = 1.0 / lam
+            extra["lambda_max"] = lam
+        x, _ = _linalg.neumann(op.hvp, gw, strategy.steps, alpha)
+        extra["alpha"] = alpha
+        if residual:
+            extra["residual"] = _tree.norm(_tree.add(op.hvp(x), gw, -1.0))
+    elif isinstance(strategy, ConjugateGradient):
+        cg = _linalg.conjugate_gradient(op.hvp, gw, strategy.maxiter, strategy.tol, strategy.damping)
+        x = cg.x
+        extra.update(residual=cg.residual, iterations=cg.iterations, converged=cg.converged)
+    else:  # Exact
+        flat_w = _tree.ravel(w)
+        hessian = torch.func.hessian(lambda flat: train_f(tuple(_tree.unravel(flat, w)), h))(flat_w)
+        flat_x, extra["residual"] = _linalg.dense_solve(hessian, _tree.ravel(gw), strategy.damping)
+        x = _tree.unravel(flat_x, w)
+        op.hvps += flat_w.numel()
+
+    grads = _tree.add(gh, op.mixed_vjp(x), -1.0)
+    return grads, HypergradInfo(strategy=name, hvps=op.hvps, val_loss=val.detach(), **extra)
+
+
+def unrolled_hypergradient(
+    problem: Problem,
+    w: Leaves,
+    h: Leaves,
+    train_batches: Sequence[Any],
+    val_batch: Any,
+    optimizer: Any,
+    state: Any,
+) -> tuple[list[Tensor], HypergradInfo]:
+    r"""d L_V(w_K(λ), λ)/dλ through K = len(train_batches) differentiable torchopt updates.
+
+    w₀ = ``w`` with optimiser state ``state``; w_{k+1} = w_k + update(∇_w L_T(w_k, λ; batch_k)).
+    """
+
+    def outer(hh: Leaves) -> Tensor:
+        ww, st = w, state
+        for batch in train_batches:
+            grads = torch.func.grad(problem.on(problem.train_loss, batch), argnums=0)(ww, hh)
+            updates, st = optimizer.update(grads, st, params=ww, inplace=False)
+            ww = torchopt.apply_updates(ww, updates, inplace=False)
+        return problem.on(problem.val_loss, val_batch)(ww, hh)
+
+    grads, val = torch.func.grad_and_value(outer)(h)
+    hvps = max(len(train_batches) - 1, 0)  # the first update's w-derivative is zero (w₀ is fixed)
+    return list(grads), HypergradInfo(strategy="unroll", hvps=hvps, val_loss=val.detach())

@@ -1,0 +1,109 @@
+"""Matrix-free linear algebra on lists of tensors: Neumann series, CG, power iteration.
+
+Each routine takes ``matvec``, a function computing H v for a symmetric operator H, and never
+forms H. They are pure functions of their inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from bilevel import _tree
+
+MatVec = Callable[[Sequence[Tensor]], list[Tensor]]
+
+
+def neumann(matvec: MatVec, v: Sequence[Tensor], steps: int, alpha: float) -> tuple[list[Tensor], list[Tensor]]:
+    r"""Truncated Neumann series for H⁻¹v with ``steps − 1`` products.
+
+    .. math:: x = \alpha \sum_{j=0}^{\text{steps}-1} (I - \alpha H)^j v
+
+    Departure from the paper's Algorithm 3: there the sum is returned without the outer α (the
+    α is absorbed by the caller); we include it, so x → H⁻¹v as steps → ∞ whenever
+    0 < α λ(H) < 2 for every eigenvalue λ(H).
+
+    Returns ``(x, last)`` where ``last = (I − αH)^{steps−1} v`` is the final term; the residual
+    is H x − v = −(I − αH)^{steps} v, one more product away.
+    """
+    term = list(v)
+    total = [t.clone() for t in v]
+    for _ in range(steps - 1):
+        term = _tree.add(term, matvec(term), -alpha)  # term ← (I − αH) term
+        _tree.add_(total, term)
+    return _tree.scale(total, alpha), term
+
+
+@dataclasses.dataclass(frozen=True)
+class CGResult:
+    """What :func:`conjugate_gradient` found."""
+
+    x: list[Tensor]
+    residual: Tensor  # ||b − (H + δI) x|| from the CG recursion
+    iterations: int
+    converged: bool
+
+
+def conjugate_gradient(
+    matvec: MatVec, b: Sequence[Tensor], maxiter: int, tol: float, damping: float
+) -> CGResult:
+    r"""Solve (H + δI) x = b by conjugate gradients, starting from x₀ = 0.
+
+    Stops when ‖r‖ ≤ tol · ‖b‖ (relative residual) or after ``maxiter`` products. H must be
+    symmetric; CG is guaranteed to converge only when H + δI is positive definite. If a search
+    direction has zero curvature (pᵀ(H+δI)p = 0) the solve stops there, unconverged.
+    """
+    x = [torch.zeros_like(t) for t in b]
+    r = list(b)
+    p = list(b)
+    rs = _tree.vdot(r, r)
+    threshold = tol * math.sqrt(float(rs))
+    iterations = 0
+    converged = math.sqrt(float(rs)) <= threshold
+    while not converged and iterations < maxiter:
+        hp = matvec(p)
+        if damping:
+            _tree.add_(hp, p, damping)
+        curvature = _tree.vdot(p, hp)
+        iterations += 1
+        if float(curvature) == 0.0:
+            break
+        step = rs / curvature
+        x = _tree.add(x, _tree.scale(p, step))
+        r = _tree.add(r, _tree.scale(hp, -step))
+        rs_new = _tree.vdot(r, r)
+        converged = math.sqrt(float(rs_new)) <= threshold
+        p = _tree.add(r, _tree.scale(p, rs_new / rs))
+        rs = rs_new
+    return CGResult(x, torch.sqrt(rs), iterations, converged)
+
+
+def power_iteration(matvec: MatVec, like: Sequence[Tensor], iters: int, seed: int = 0) -> Tensor:
+    r"""Estimate the spectral radius max |λ(H)| with ``iters`` products.
+
+    Starts from a Gaussian vector drawn from a private generator with a fixed seed (so results
+    are reproducible and the global RNG is untouched) and returns ‖H u‖ for the final unit u.
+    The estimate approaches the true value from below.
+    """
+    device = like[0].device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    u = [torch.randn(t.shape, generator=gen, device=device, dtype=t.dtype) for t in like]
+    u = _tree.scale(u, 1.0 / _tree.norm(u))
+    estimate = torch.zeros((), dtype=like[0].dtype, device=device)
+    for _ in range(iters):
+        hu = matvec(u)
+        estimate = _tree.norm(hu)
+        u = _tree.scale(hu, 1.0 / estimate)
+    return estimate
+
+
+def dense_solve(hessian: Tensor, b: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """Solve (H + δI) x = b for a dense H; returns x and ‖(H + δI)x − b‖."""
+    if damping:
+        hessian = hessian + damping * torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    x = torch.linalg.solve(hessian, b)
+    return x, torch.linalg.vector_norm(hessian @ x - b)

@@ -1,0 +1,104 @@
+"""Pytree boundary and arithmetic on lists of tensors.
+
+Trees are flattened once with optree where they enter the library; every solver then works on
+flat tuples of tensors with fused ``torch._foreach_*`` kernels (the same ones ``torch.optim``
+uses), so a Neumann or CG iteration costs a handful of kernel launches whatever the number of
+leaves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import optree
+import torch
+from torch import Tensor
+
+Leaves = tuple[Tensor, ...]
+
+
+def flatten(tree: Any, name: str, *, floating: bool) -> tuple[Leaves, optree.PyTreeSpec]:
+    """Flatten a user pytree of tensors, checking every leaf.
+
+    Raises ``TypeError`` naming the leaf (as ``name['w']``) when it is not a tensor or, with
+    ``floating``, when its dtype is not a real floating-point dtype; ``ValueError`` when the tree
+    holds no tensor at all.
+    """
+    paths, leaves, spec = optree.tree_flatten_with_path(tree)
+    if not leaves:
+        raise ValueError(
+            f"`{name}` holds no tensors; pass a dict (or other pytree) of torch.Tensor, "
+            f"e.g. {{'weight': torch.zeros(3)}}."
+        )
+    for path, leaf in zip(paths, leaves):
+        where = name + "".join(f"[{key!r}]" for key in path)
+        if not isinstance(leaf, Tensor):
+            raise TypeError(f"`{where}` must be a torch.Tensor, got {type(leaf).__name__}.")
+        if floating and not (leaf.is_floating_point() and not leaf.is_complex()):
+            raise TypeError(
+                f"`{where}` has dtype {leaf.dtype}; it must be a real floating-point dtype "
+                f"(float32 or float64) to be differentiated. Cast it with .float() or .double()."
+            )
+    return tuple(leaf.detach() for leaf in leaves), spec
+
+
+def unflatten(spec: optree.PyTreeSpec, leaves: Sequence[Tensor]) -> Any:
+    """Inverse of :func:`flatten`."""
+    return optree.tree_unflatten(spec, list(leaves))
+
+
+def check_same_device(**trees: Leaves) -> torch.device:
+    """Return the one device every leaf lives on, or raise ``ValueError`` listing them."""
+    seen: dict[torch.device, str] = {}
+    for name, leaves in trees.items():
+        for leaf in leaves:
+            seen.setdefault(leaf.device, name)
+    if len(seen) > 1:
+        found = ", ".join(f"{dev} (in `{name}`)" for dev, name in seen.items())
+        raise ValueError(
+            f"all tensors in params and hparams must be on one device; found {found}. "
+            f"Move them with .to(device)."
+        )
+    return next(iter(seen))
+
+
+def add(x: Sequence[Tensor], y: Sequence[Tensor], alpha: float = 1.0) -> list[Tensor]:
+    """x + alpha * y."""
+    return list(torch._foreach_add(list(x), list(y), alpha=alpha))
+
+
+def add_(x: list[Tensor], y: Sequence[Tensor], alpha: float = 1.0) -> None:
+    """x += alpha * y, in place on tensors this module allocated."""
+    torch._foreach_add_(x, list(y), alpha=alpha)
+
+
+def scale(x: Sequence[Tensor], alpha: float | Tensor) -> list[Tensor]:
+    """alpha * x."""
+    return list(torch._foreach_mul(list(x), alpha))
+
+
+def vdot(x: Sequence[Tensor], y: Sequence[Tensor]) -> Tensor:
+    """Real inner product sum_i <x_i, y_i> as a 0-dim tensor (no host sync)."""
+    return sum(torch.vdot(a.reshape(-1), b.reshape(-1)) for a, b in zip(x, y))  # type: ignore[return-value]
+
+
+def norm(x: Sequence[Tensor]) -> Tensor:
+    """Euclidean norm of the concatenation of ``x`` as a 0-dim tensor."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(x))))
+
+
+def all_finite(x: Sequence[Tensor]) -> Tensor:
+    """0-dim bool tensor: every element of every tensor is finite (no host sync)."""
+    return torch.stack([torch.isfinite(t).all() for t in x]).all()
+
+
+def ravel(x: Sequence[Tensor]) -> Tensor:
+    """Concatenate tensors into one vector (for the dense reference solve only)."""
+    return torch.cat([t.reshape(-1) for t in x])
+
+
+def unravel(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Split a vector made by :func:`ravel` back into tensors shaped like ``like``."""
+    sizes = [t.numel() for t in like]
+    return [piece.view_as(t) for piece, t in zip(torch.split(flat, sizes), like)]
