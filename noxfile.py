@@ -23,7 +23,8 @@ def _install(session: nox.Session, *extras: str) -> None:
 def tests(session: nox.Session) -> None:
     """Run the default test suite (fast; slow checks live in `nox -s slow`)."""
     _install(session, "test")
-    session.run("pytest", "-m", "not slow", *session.posargs, env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    session.run("pytest", "-m", "not slow", *session.posargs, env=threads)
 
 
 @nox.session

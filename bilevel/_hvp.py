@@ -146,9 +146,7 @@ class FiniteDifferenceHVP(HVP):
     rel_step: float | None = None
 
     def __post_init__(self) -> None:
-        if self.rel_step is not None and not (
-            isinstance(self.rel_step, (int, float)) and 0 < self.rel_step < 1
-        ):
+        if self.rel_step is not None and not (isinstance(self.rel_step, (int, float)) and 0 < self.rel_step < 1):
             raise ValueError(
                 f"`FiniteDifferenceHVP(rel_step={self.rel_step!r})`: rel_step must be a float in "
                 f"(0, 1), or None for the dtype's cube-root machine epsilon."

@@ -71,7 +71,9 @@ class HypergradInfo:
 
 def _checked(loss: Any, name: str) -> Loss:
     if not callable(loss):
-        raise TypeError(f"`{name}` must be a callable (params, hparams, batch) -> scalar Tensor, got {type(loss).__name__}.")
+        raise TypeError(
+            f"`{name}` must be a callable (params, hparams, batch) -> scalar Tensor, got {type(loss).__name__}."
+        )
 
     def checked(params: Any, hparams: Any, batch: Any) -> Tensor:
         out = loss(params, hparams, batch)
@@ -184,7 +186,12 @@ def hypergradient(
     problem, w, h = Problem.create(train_loss, val_loss, params, hparams)
     if isinstance(strategy, Unroll):
         grads, info = unrolled_hypergradient(
-            problem, w, h, [train_batch] * strategy.steps, val_batch, strategy.optimizer,
+            problem,
+            w,
+            h,
+            [train_batch] * strategy.steps,
+            val_batch,
+            strategy.optimizer,
             strategy.optimizer.init(w),
         )
     else:

@@ -48,9 +48,7 @@ class CGResult:
     converged: bool
 
 
-def conjugate_gradient(
-    matvec: MatVec, b: Sequence[Tensor], maxiter: int, tol: float, damping: float
-) -> CGResult:
+def conjugate_gradient(matvec: MatVec, b: Sequence[Tensor], maxiter: int, tol: float, damping: float) -> CGResult:
     r"""Solve (H + δI) x = b by conjugate gradients, starting from x₀ = 0.
 
     Stops when ‖r‖ ≤ tol · ‖b‖ (relative residual) or after ``maxiter`` products. H must be

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from bilevel._hvp import HVP, ReverseHVP
 
@@ -80,7 +80,10 @@ class Neumann:
         _check_int("Neumann", "steps", self.steps, 1)
         if self.alpha != "auto":
             _check_float(
-                "Neumann", "alpha", self.alpha, positive=True,
+                "Neumann",
+                "alpha",
+                self.alpha,
+                positive=True,
                 hint=" Try alpha='auto' or 1/λ_max of the training Hessian.",
             )
         _check_hvp("Neumann", self.hvp)
@@ -216,5 +219,6 @@ class Unroll:
         return "unroll"
 
 
-Strategy = Union[Neumann, Identity, ConjugateGradient, Exact, Unroll]
+Strategy = Neumann | Identity | ConjugateGradient | Exact | Unroll
+"""Type of the ``strategy=`` argument: Neumann, Identity, ConjugateGradient, Exact or Unroll."""
 STRATEGIES = (Neumann, Identity, ConjugateGradient, Exact, Unroll)

@@ -57,8 +57,7 @@ def check_same_device(**trees: Leaves) -> torch.device:
     if len(seen) > 1:
         found = ", ".join(f"{dev} (in `{name}`)" for dev, name in seen.items())
         raise ValueError(
-            f"all tensors in params and hparams must be on one device; found {found}. "
-            f"Move them with .to(device)."
+            f"all tensors in params and hparams must be on one device; found {found}. Move them with .to(device)."
         )
     return next(iter(seen))
 
