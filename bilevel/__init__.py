@@ -6,10 +6,12 @@ Implicit Differentiation", on torch.func and torchopt.
 
 from bilevel._hvp import HVP, FiniteDifferenceHVP, ForwardOverReverseHVP, ReverseHVP
 from bilevel._hypergradient import HypergradInfo, hypergradient
+from bilevel._optimizer import BilevelOptimizer, NonFiniteError, StepResult
 from bilevel._strategies import ConjugateGradient, Exact, Identity, Neumann, Strategy, Unroll
 
 __all__ = [
     "HVP",
+    "BilevelOptimizer",
     "ConjugateGradient",
     "Exact",
     "FiniteDifferenceHVP",
@@ -17,7 +19,9 @@ __all__ = [
     "HypergradInfo",
     "Identity",
     "Neumann",
+    "NonFiniteError",
     "ReverseHVP",
+    "StepResult",
     "Strategy",
     "Unroll",
     "hypergradient",
