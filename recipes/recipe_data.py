@@ -1,0 +1,164 @@
+"""Offline data for the recipes: bundled scikit-learn sets and real loaders for standard formats.
+
+Nothing here downloads. The defaults use datasets that ship inside scikit-learn (8×8 digits,
+diabetes); MNIST (IDX files) and CIFAR-10 (python pickle batches) are read from a directory the
+user points ``--data-dir`` at, in exactly the formats the original distributions use.
+
+Every loader returns float32 image tensors shaped (N, C, H, W) scaled to [0, 1] and int64 labels.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+# ------------------------------------------------------------------------------ bundled sets
+
+
+def load_digits() -> tuple[Tensor, Tensor]:
+    """scikit-learn's 1 797 8×8 handwritten digits: images (N, 1, 8, 8) in [0, 1], labels (N,)."""
+    from sklearn.datasets import load_digits as _load
+
+    data = _load()
+    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return images, torch.tensor(data.target, dtype=torch.int64)
+
+
+def load_diabetes() -> tuple[Tensor, Tensor]:
+    """scikit-learn's diabetes regression set (442 × 10), features and target standardised."""
+    from sklearn.datasets import load_diabetes as _load
+
+    X, y = _load(return_X_y=True)
+    X = (X - X.mean(0)) / X.std(0)
+    y = (y - y.mean()) / y.std()
+    return torch.tensor(X, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------ MNIST
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format), optionally gzip-compressed.
+
+    Layout: two zero bytes, a dtype code, the number of dimensions d, then d big-endian uint32
+    sizes, then the data in row-major order.
+    """
+    path = Path(path)
+    with _open(path) as f:
+        header = f.read(4)
+        if len(header) != 4 or header[0] != 0 or header[1] != 0 or header[2] not in _IDX_DTYPES:
+            raise ValueError(f"{path} is not an IDX file (bad magic number {header!r}).")
+        ndim = header[3]
+        shape = struct.unpack(f">{ndim}I", f.read(4 * ndim))
+        dtype = np.dtype(_IDX_DTYPES[header[2]])
+        data = np.frombuffer(f.read(), dtype=dtype)
+    expected = int(np.prod(shape))
+    if data.size != expected:
+        raise ValueError(f"{path}: header promises {expected} values of shape {shape}, found {data.size}.")
+    return data.reshape(shape)
+
+
+def _find(data_dir: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx")):
+        if (data_dir / name).exists():
+            return data_dir / name
+    raise FileNotFoundError(f"{stem}[.gz] not found in {data_dir}; point --data-dir at your MNIST copy.")
+
+
+def load_mnist(data_dir: str | Path, split: str = "train") -> tuple[Tensor, Tensor]:
+    """MNIST from the four standard IDX files in ``data_dir`` (``train-images-idx3-ubyte[.gz]`` ...).
+
+    Returns images (N, 1, 28, 28) in [0, 1] and labels (N,).
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"`split={split!r}`: expected 'train' or 'test'.")
+    prefix = "train" if split == "train" else "t10k"
+    data_dir = Path(data_dir)
+    images = read_idx(_find(data_dir, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(_find(data_dir, f"{prefix}-labels-idx1-ubyte"))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(f"MNIST {split} files in {data_dir} disagree: images {images.shape}, labels {labels.shape}.")
+    x = torch.tensor(images.astype(np.float32) / 255.0).unsqueeze(1)
+    return x, torch.tensor(labels.astype(np.int64))
+
+
+# --------------------------------------------------------------------------------- CIFAR-10
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="bytes")
+
+
+def load_cifar10(data_dir: str | Path, split: str = "train") -> tuple[Tensor, Tensor]:
+    """CIFAR-10 from the python pickle batches (``data_batch_1`` … ``data_batch_5``, ``test_batch``).
+
+    ``data_dir`` may be the ``cifar-10-batches-py`` folder or its parent. Returns images
+    (N, 3, 32, 32) in [0, 1] and labels (N,).
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"`split={split!r}`: expected 'train' or 'test'.")
+    data_dir = Path(data_dir)
+    if (data_dir / "cifar-10-batches-py").is_dir():
+        data_dir = data_dir / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    missing = [n for n in names if not (data_dir / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"{missing} not found in {data_dir}; point --data-dir at your CIFAR-10 copy.")
+    xs, ys = [], []
+    for name in names:
+        batch = _unpickle(data_dir / name)
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"{data_dir / name}: expected data of shape (N, 3072), got {data.shape}.")
+        xs.append(data.reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(batch[b"labels"], dtype=np.int64))
+    x = torch.tensor(np.concatenate(xs).astype(np.float32) / 255.0)
+    return x, torch.tensor(np.concatenate(ys))
+
+
+# ----------------------------------------------------------------------------------- choosing
+
+
+def load_images(name: str, data_dir: str | Path | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(train_x, train_y, test_x, test_y) for ``name`` in {"digits", "mnist", "cifar10"}.
+
+    ``digits`` has no official test split; a fixed, seeded 70/30 split is used.
+    """
+    if name == "digits":
+        x, y = load_digits()
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
+        cut = int(0.7 * len(x))
+        return x[perm[:cut]], y[perm[:cut]], x[perm[cut:]], y[perm[cut:]]
+    if data_dir is None:
+        raise ValueError(f"`--dataset {name}` reads files from disk: pass --data-dir pointing at your copy.")
+    loader = {"mnist": load_mnist, "cifar10": load_cifar10}.get(name)
+    if loader is None:
+        raise ValueError(f"unknown dataset {name!r}; expected 'digits', 'mnist' or 'cifar10'.")
+    return (*loader(data_dir, "train"), *loader(data_dir, "test"))
+
+
+def stratified_subset(y: Tensor, per_class: int, generator: torch.Generator) -> Tensor:
+    """Indices of ``per_class`` random examples of every class in ``y``."""
+    picks = []
+    for c in torch.unique(y):
+        idx = torch.nonzero(y == c).flatten()
+        picks.append(idx[torch.randperm(len(idx), generator=generator)[:per_class]])
+    return torch.cat(picks)
+
+
+def default_device() -> str:
+    """"cuda" when a GPU is visible, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,93 @@
+"""The recipes' data loaders on tiny files written here in the exact on-disk formats."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_module():
+    spec = importlib.util.spec_from_file_location("recipe_data", ROOT / "recipes" / "recipe_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+data = _load_module()
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
+    """IDX: 0x00 0x00 <type 0x08 = ubyte> <ndim>, big-endian uint32 dims, then raw bytes."""
+    payload = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(payload))
+    else:
+        path.write_bytes(payload)
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["raw", "gzip"])
+def test_mnist_idx_files_round_trip(tmp_path, compress):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 7), ("t10k", 3)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", images, compress)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", labels, compress)
+        x, y = data.load_mnist(tmp_path, "train" if prefix == "train" else "test")
+        assert x.shape == (n, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+        np.testing.assert_array_equal((x.squeeze(1) * 255).round().numpy().astype(np.uint8), images)
+        np.testing.assert_array_equal(y.numpy(), labels)
+
+
+def test_idx_rejects_bad_files(tmp_path):
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04rest")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        data.read_idx(tmp_path / "bad")
+    truncated = bytes([0, 0, 8, 1]) + struct.pack(">I", 10) + b"\x00" * 4
+    (tmp_path / "short").write_bytes(truncated)
+    with pytest.raises(ValueError, match="promises 10"):
+        data.read_idx(tmp_path / "short")
+    with pytest.raises(FileNotFoundError, match="--data-dir"):
+        data.load_mnist(tmp_path)
+
+
+def test_cifar10_pickle_batches_round_trip(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        pixels = rng.integers(0, 256, size=(2, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, size=2)]
+        with open(folder / name, "wb") as f:  # the original batches are pickled dicts with bytes keys
+            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": pixels, b"filenames": []}, f)
+        written[name] = (pixels, labels)
+    x, y = data.load_cifar10(tmp_path, "train")  # the parent folder works too
+    assert x.shape == (10, 3, 32, 32) and y.tolist() == sum((written[f"data_batch_{i}"][1] for i in range(1, 6)), [])
+    first = written["data_batch_1"][0][0].reshape(3, 32, 32)
+    np.testing.assert_array_equal((x[0] * 255).round().numpy().astype(np.uint8), first)
+    xt, yt = data.load_cifar10(folder, "test")
+    assert xt.shape == (2, 3, 32, 32) and yt.tolist() == written["test_batch"][1]
+
+
+def test_bundled_sets_and_split_helpers():
+    x, y = data.load_digits()
+    assert x.shape == (1797, 1, 8, 8) and 0 <= x.min() and x.max() <= 1 and set(y.tolist()) == set(range(10))
+    X, t = data.load_diabetes()
+    assert X.shape == (442, 10) and abs(float(t.mean())) < 1e-5
+    tr_x, tr_y, te_x, te_y = data.load_images("digits")
+    assert len(tr_x) + len(te_x) == 1797 and len(tr_y) == len(tr_x)
+    idx = data.stratified_subset(tr_y, 5, torch.Generator().manual_seed(0))
+    assert len(idx) == 50 and torch.bincount(tr_y[idx]).tolist() == [5] * 10
+    with pytest.raises(ValueError, match="--data-dir"):
+        data.load_images("mnist")
