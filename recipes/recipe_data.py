@@ -160,5 +160,5 @@ def stratified_subset(y: Tensor, per_class: int, generator: torch.Generator) -> 
 
 
 def default_device() -> str:
-    """"cuda" when a GPU is visible, else "cpu"."""
+    """ "cuda" when a GPU is visible, else "cpu"."""
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -73,7 +73,7 @@ def test_cifar10_pickle_batches_round_trip(tmp_path):
             pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": pixels, b"filenames": []}, f)
         written[name] = (pixels, labels)
     x, y = data.load_cifar10(tmp_path, "train")  # the parent folder works too
-    assert x.shape == (10, 3, 32, 32) and y.tolist() == sum((written[f"data_batch_{i}"][1] for i in range(1, 6)), [])
+    assert x.shape == (10, 3, 32, 32) and y.tolist() == [v for i in range(1, 6) for v in written[f"data_batch_{i}"][1]]
     first = written["data_batch_1"][0][0].reshape(3, 32, 32)
     np.testing.assert_array_equal((x[0] * 255).round().numpy().astype(np.uint8), first)
     xt, yt = data.load_cifar10(folder, "test")
@@ -86,7 +86,7 @@ def test_bundled_sets_and_split_helpers():
     X, t = data.load_diabetes()
     assert X.shape == (442, 10) and abs(float(t.mean())) < 1e-5
     tr_x, tr_y, te_x, te_y = data.load_images("digits")
-    assert len(tr_x) + len(te_x) == 1797 and len(tr_y) == len(tr_x)
+    assert len(tr_x) + len(te_x) == 1797 and len(tr_y) == len(tr_x) and len(te_y) == len(te_x)
     idx = data.stratified_subset(tr_y, 5, torch.Generator().manual_seed(0))
     assert len(idx) == 50 and torch.bincount(tr_y[idx]).tolist() == [5] * 10
     with pytest.raises(ValueError, match="--data-dir"):
