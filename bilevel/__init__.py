@@ -4,6 +4,7 @@ Implements Lorraine, Vicol & Duvenaud (2020), "Optimizing Millions of Hyperparam
 Implicit Differentiation", on torch.func and torchopt.
 """
 
+from bilevel._distributed import DataParallel, MicroBatches
 from bilevel._hvp import HVP, FiniteDifferenceHVP, ForwardOverReverseHVP, ReverseHVP
 from bilevel._hypergradient import HypergradInfo, hypergradient
 from bilevel._optimizer import BilevelOptimizer, NonFiniteError, StepResult
@@ -13,11 +14,13 @@ __all__ = [
     "HVP",
     "BilevelOptimizer",
     "ConjugateGradient",
+    "DataParallel",
     "Exact",
     "FiniteDifferenceHVP",
     "ForwardOverReverseHVP",
     "HypergradInfo",
     "Identity",
+    "MicroBatches",
     "Neumann",
     "NonFiniteError",
     "ReverseHVP",

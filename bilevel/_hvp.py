@@ -5,7 +5,7 @@ Every IFT strategy needs two linear maps of the training loss L_T at (w, λ):
 * the Hessian-vector product  v ↦ H v,  H = ∂²L_T/∂w∂wᵀ  (many times, inside the solve), and
 * the mixed product           x ↦ (∂²L_T/∂w∂λᵀ)ᵀ x = ∇_λ ⟨∇_w L_T(w, λ), x⟩  (once, at the end).
 
-Three ways to get them are offered as small frozen configs; the default, :class:`ReverseHVP`,
+Three ways to get them are offered as small frozen configs; the default, ``ReverseHVP``,
 was the fastest in our measurements (docs/benchmarks.md).
 """
 
@@ -15,7 +15,7 @@ import abc
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Any, Final
 
 import torch
 from torch import Tensor
@@ -57,18 +57,26 @@ class HVP(abc.ABC):
     """Base of the HVP configurations; pass an instance as the ``hvp=`` field of a strategy."""
 
     @abc.abstractmethod
-    def build(self, loss: LeafLoss, w: Leaves, h: Leaves) -> _Operator:
-        """Return the operator at (w, λ). Internal: strategies call this."""
+    def build(self, loss: LeafLoss, w: Leaves, h: Leaves, *, retain: bool = True) -> _Operator:
+        """Return the operator at (w, λ). ``retain=False`` asks not to keep graphs between products
+        (used with micro-batches, where one graph per micro-batch would defeat their purpose)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class ReverseHVP(HVP):
     r"""Reverse-over-reverse HVPs from one linearisation reused for every product.
 
-    Builds ``torch.func.vjp`` of :math:`w \mapsto \nabla_w L_T(w, \lambda)` once per
+    $$
+    Hv = \Big(v^\top \frac{\partial \nabla_w L_T(w, \lambda)}{\partial w}\Big)^{\!\top},
+    \qquad
+    \Big(\frac{\partial^2 L_T}{\partial w\,\partial\lambda^\top}\Big)^{\!\top} x
+      = \Big(x^\top \frac{\partial \nabla_w L_T(w, \lambda)}{\partial \lambda}\Big)^{\!\top}
+    $$
+
+    Builds ``torch.func.vjp`` of \(w \mapsto \nabla_w L_T(w, \lambda)\) once per
     hypergradient (one forward and one backward pass, graph kept), after which each product
-    :math:`Hv = v^\top H` (H is symmetric) is a single double-backward pass. The mixed product
-    is one separate VJP of :math:`\lambda \mapsto \nabla_w L_T(w, \lambda)`, so the HVPs never pay
+    \(Hv = (v^\top H)^\top\) (H is symmetric) is a single double-backward pass. The mixed product
+    is one separate VJP of \(\lambda \mapsto \nabla_w L_T(w, \lambda)\), so the HVPs never pay
     for λ-cotangents the series does not use. Memory: one retained graph of the gradient.
 
     Example:
@@ -76,17 +84,23 @@ class ReverseHVP(HVP):
         >>> strategy = bilevel.Neumann(steps=10, alpha=0.1, hvp=bilevel.ReverseHVP())
     """
 
-    def build(self, loss: LeafLoss, w: Leaves, h: Leaves) -> _Operator:
-        return _ReverseOperator(loss, w, h)
+    def build(self, loss: LeafLoss, w: Leaves, h: Leaves, *, retain: bool = True) -> _Operator:
+        op = _ReverseOperator(loss, w, h)
+        op.retain = retain
+        return op
 
 
 class _ReverseOperator(_Operator):
     _vjp: Callable[[Leaves], tuple[Leaves]] | None = None
+    retain = True
 
     def _hvp(self, v: Leaves) -> list[Tensor]:
-        if self._vjp is None:  # built lazily: Identity / Neumann(1) never need it
-            _, self._vjp = torch.func.vjp(lambda w: self._grad_w(w, self.h), self.w)
-        return list(self._vjp(v)[0])
+        vjp = self._vjp
+        if vjp is None:  # built lazily: Identity / Neumann(1) never need it
+            _, vjp = torch.func.vjp(lambda w: self._grad_w(w, self.h), self.w)
+            if self.retain:
+                self._vjp = vjp
+        return list(vjp(v)[0])
 
     def mixed_vjp(self, x: Sequence[Tensor]) -> list[Tensor]:
         _, vjp_h = torch.func.vjp(lambda h: self._grad_w(self.w, h), self.h)
@@ -95,18 +109,24 @@ class _ReverseOperator(_Operator):
 
 @dataclasses.dataclass(frozen=True)
 class ForwardOverReverseHVP(HVP):
-    r"""Forward-over-reverse HVPs: ``torch.func.jvp`` of :math:`\nabla_w L_T`, recomputed each time.
+    r"""Forward-over-reverse HVPs: ``torch.func.jvp`` of ∇_w L_T, recomputed each time.
 
-    :math:`Hv = \frac{d}{d\epsilon}\nabla_w L_T(w + \epsilon v, \lambda)|_{\epsilon=0}`; the mixed
-    product is the forward derivative of :math:`\nabla_\lambda L_T` along x. Keeps no graph between
-    products (lowest memory of the exact modes) at the price of a forward and backward pass each.
+    $$
+    Hv = \frac{d}{d\epsilon}\nabla_w L_T(w + \epsilon v, \lambda)\Big|_{\epsilon=0},
+    \qquad
+    \Big(\frac{\partial^2 L_T}{\partial w\,\partial\lambda^\top}\Big)^{\!\top} x
+      = \frac{d}{d\epsilon}\nabla_\lambda L_T(w + \epsilon x, \lambda)\Big|_{\epsilon=0}
+    $$
+
+    Keeps no graph between products (lowest memory of the exact modes) at the price of a forward
+    and backward pass each.
 
     Example:
         >>> import bilevel
         >>> strategy = bilevel.ConjugateGradient(maxiter=20, hvp=bilevel.ForwardOverReverseHVP())
     """
 
-    def build(self, loss: LeafLoss, w: Leaves, h: Leaves) -> _Operator:
+    def build(self, loss: LeafLoss, w: Leaves, h: Leaves, *, retain: bool = True) -> _Operator:
         return _ForwardOperator(loss, w, h)
 
 
@@ -124,14 +144,15 @@ class _ForwardOperator(_Operator):
 class FiniteDifferenceHVP(HVP):
     r"""Centred finite differences of first derivatives only (no double backward needed).
 
-    .. math::
-        Hv \approx \frac{\nabla_w L_T(w + \epsilon v) - \nabla_w L_T(w - \epsilon v)}{2\epsilon},
-        \qquad
-        (\partial^2 L_T/\partial w\partial\lambda^\top)^\top x \approx
-        \frac{\nabla_\lambda L_T(w + \epsilon x) - \nabla_\lambda L_T(w - \epsilon x)}{2\epsilon}
+    $$
+    Hv \approx \frac{\nabla_w L_T(w + \epsilon v) - \nabla_w L_T(w - \epsilon v)}{2\epsilon},
+    \qquad
+    (\partial^2 L_T/\partial w\partial\lambda^\top)^\top x \approx
+    \frac{\nabla_\lambda L_T(w + \epsilon x) - \nabla_\lambda L_T(w - \epsilon x)}{2\epsilon}
+    $$
 
-    with :math:`\epsilon = \text{rel\_step}\,(1 + \lVert w\rVert)/\lVert v\rVert`. The error is
-    :math:`O(\epsilon^2)` truncation plus :math:`O(\text{eps}_{\text{machine}}/\epsilon)` round-off;
+    with \(\epsilon = \text{rel_step}\,(1 + \lVert w\rVert)/\lVert v\rVert\). The error is
+    \(O(\epsilon^2)\) truncation plus \(O(\text{eps}_{\text{machine}}/\epsilon)\) round-off;
     the default ``rel_step`` (cube root of the dtype's machine epsilon) balances the two. Use it for
     models whose kernels have no second derivative (e.g. cuDNN's fused RNNs on CUDA).
 
@@ -152,7 +173,7 @@ class FiniteDifferenceHVP(HVP):
                 f"(0, 1), or None for the dtype's cube-root machine epsilon."
             )
 
-    def build(self, loss: LeafLoss, w: Leaves, h: Leaves) -> _Operator:
+    def build(self, loss: LeafLoss, w: Leaves, h: Leaves, *, retain: bool = True) -> _Operator:
         return _FiniteDifferenceOperator(loss, w, h, self.rel_step)
 
 
@@ -178,3 +199,37 @@ class _FiniteDifferenceOperator(_Operator):
 
     def mixed_vjp(self, x: Sequence[Tensor]) -> list[Tensor]:
         return self._central(self._grad_h, x)
+
+
+class MeanOperator(_Operator):
+    """The average of operators built on micro-batches: H v = (1/k) Σ_i H_i v, likewise the mixed product."""
+
+    def __init__(self, ops: Sequence[_Operator]) -> None:
+        super().__init__(ops[0].loss, ops[0].w, ops[0].h)
+        self.ops = list(ops)
+
+    def _mean(self, outs: list[list[Tensor]]) -> list[Tensor]:
+        total = outs[0]
+        for out in outs[1:]:
+            _tree.add_(total, out)
+        return _tree.scale(total, 1.0 / len(outs))
+
+    def _hvp(self, v: Leaves) -> list[Tensor]:
+        return self._mean([op.hvp(v) for op in self.ops])
+
+    def mixed_vjp(self, x: Sequence[Tensor]) -> list[Tensor]:
+        return self._mean([op.mixed_vjp(x) for op in self.ops])
+
+
+class ReducedOperator(_Operator):
+    """An operator whose products are averaged over data-parallel ranks (see ``_distributed``)."""
+
+    def __init__(self, op: _Operator, parallel: Any) -> None:
+        super().__init__(op.loss, op.w, op.h)
+        self.op, self.parallel = op, parallel
+
+    def _hvp(self, v: Leaves) -> list[Tensor]:
+        return self.parallel.mean(self.op.hvp(v))
+
+    def mixed_vjp(self, x: Sequence[Tensor]) -> list[Tensor]:
+        return self.parallel.mean(self.op.mixed_vjp(x))

@@ -21,7 +21,8 @@ import torchopt
 from torch import Tensor
 
 from bilevel import _linalg, _tree
-from bilevel._hvp import ReverseHVP
+from bilevel._distributed import DataParallel, parts
+from bilevel._hvp import HVP, MeanOperator, ReducedOperator, ReverseHVP, _Operator
 from bilevel._strategies import (
     STRATEGIES,
     ConjugateGradient,
@@ -89,33 +90,129 @@ def _checked(loss: Any, name: str) -> Loss:
     return checked
 
 
+_AUTOCAST_DTYPES = (torch.float16, torch.bfloat16)
+
+
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    """A bilevel problem on flat leaves: the losses and the tree structures of params/hparams."""
+    """A bilevel problem on flat leaves: the losses, the tree structures, and how losses are evaluated
+    (autocast dtype, data-parallel group). Every gradient and product of the core is taken through it."""
 
     train_loss: Loss
     val_loss: Loss
     params_spec: optree.PyTreeSpec
     hparams_spec: optree.PyTreeSpec
+    device_type: str = "cpu"
+    autocast: torch.dtype | None = None
+    parallel: DataParallel | None = None
 
     @classmethod
-    def create(cls, train_loss: Any, val_loss: Any, params: Any, hparams: Any) -> tuple[Problem, Leaves, Leaves]:
+    def create(
+        cls,
+        train_loss: Any,
+        val_loss: Any,
+        params: Any,
+        hparams: Any,
+        *,
+        autocast: torch.dtype | None = None,
+        distributed: DataParallel | None = None,
+    ) -> tuple[Problem, Leaves, Leaves]:
         """Validate user inputs; return the problem and detached param and hparam leaves."""
         w, params_spec = _tree.flatten(params, "params", floating=True)
         h, hparams_spec = _tree.flatten(hparams, "hparams", floating=True)
-        _tree.check_same_device(params=w, hparams=h)
-        problem = cls(_checked(train_loss, "train_loss"), _checked(val_loss, "val_loss"), params_spec, hparams_spec)
+        device = _tree.check_same_device(params=w, hparams=h)
+        if autocast is not None and autocast not in _AUTOCAST_DTYPES:
+            raise ValueError(
+                f"`autocast={autocast!r}`: expected None, torch.bfloat16 (CPU or CUDA) or torch.float16 (CUDA)."
+            )
+        if distributed is not None:
+            if not isinstance(distributed, DataParallel):
+                raise TypeError(f"`distributed` must be None or bilevel.DataParallel(...), got {distributed!r}.")
+            distributed.validate()
+        checked_train, checked_val = _checked(train_loss, "train_loss"), _checked(val_loss, "val_loss")
+        problem = cls(checked_train, checked_val, params_spec, hparams_spec, device.type, autocast, distributed)
         return problem, w, h
 
     def on(self, loss: Loss, batch: Any) -> Callable[[Leaves, Leaves], Tensor]:
-        """``loss`` as a function of (param leaves, hparam leaves) on a fixed batch."""
-        return lambda w, h: loss(_tree.unflatten(self.params_spec, w), _tree.unflatten(self.hparams_spec, h), batch)
+        """``loss`` as a function of (param leaves, hparam leaves) on one fixed (micro-)batch."""
+        params_spec, hparams_spec, dtype = self.params_spec, self.hparams_spec, self.autocast
+
+        def f(w: Leaves, h: Leaves) -> Tensor:
+            if dtype is None:
+                return loss(_tree.unflatten(params_spec, w), _tree.unflatten(hparams_spec, h), batch)
+            with torch.autocast(self.device_type, dtype=dtype):
+                out = loss(_tree.unflatten(params_spec, w), _tree.unflatten(hparams_spec, h), batch)
+            # The solve runs in the params' precision; only the loss evaluation is in low precision.
+            return out.float() if out.dtype in _AUTOCAST_DTYPES else out
+
+        return f
+
+    def value_and_grad(
+        self, loss: Loss, batch: Any, w: Leaves, h: Leaves, argnums: tuple[int, ...]
+    ) -> tuple[list[list[Tensor]], Tensor]:
+        """Gradients of ``loss`` w.r.t. the leaves in ``argnums`` (0: params, 1: hparams) and its value,
+        averaged over micro-batches and, when data-parallel, over ranks."""
+        grads: list[list[Tensor]] | None = None
+        value: Tensor | None = None
+        pieces = parts(batch)
+        for piece in pieces:
+            g, v = torch.func.grad_and_value(self.on(loss, piece), argnums=argnums)(w, h)
+            if grads is None or value is None:
+                grads, value = [list(x) for x in g], v
+            else:
+                for acc, new in zip(grads, g):
+                    _tree.add_(acc, new)
+                value = value + v
+        assert grads is not None and value is not None  # parts() is never empty
+        if len(pieces) > 1:
+            grads = [_tree.scale(acc, 1.0 / len(pieces)) for acc in grads]
+            value = value / len(pieces)
+        if self.parallel is not None:
+            sizes = [len(acc) for acc in grads]
+            flat = self.parallel.mean([*(t for acc in grads for t in acc), value.detach()])
+            value, grads = flat[-1], []
+            for size in sizes:
+                grads.append(flat[:size])
+                flat = flat[size:]
+        return grads, value.detach()
+
+    def operator(self, hvp: HVP, batch: Any, w: Leaves, h: Leaves) -> _Operator:
+        """The training loss's HVP / mixed-product operator, averaged like :meth:`value_and_grad`."""
+        pieces = parts(batch)
+        ops = [hvp.build(self.on(self.train_loss, piece), w, h, retain=len(pieces) == 1) for piece in pieces]
+        op = ops[0] if len(ops) == 1 else MeanOperator(ops)
+        return op if self.parallel is None else ReducedOperator(op, self.parallel)
+
+    def dense_hessian(self, batch: Any, w: Leaves, h: Leaves) -> Tensor:
+        """∂²L_T/∂w∂wᵀ as a dense matrix over the concatenated params, averaged like the rest."""
+        flat_w = _tree.ravel(w)
+        total: Tensor | None = None
+        for piece in parts(batch):
+            train_f = self.on(self.train_loss, piece)
+
+            def on_flat(flat: Tensor, train_f: Callable[[Leaves, Leaves], Tensor] = train_f) -> Tensor:
+                return train_f(tuple(_tree.unravel(flat, w)), h)
+
+            hessian = torch.func.hessian(on_flat)(flat_w)
+            total = hessian if total is None else total + hessian
+        assert total is not None
+        total = total / len(parts(batch))
+        return total if self.parallel is None else self.parallel.mean([total])[0]
 
     def params(self, w: Sequence[Tensor]) -> Any:
         return _tree.unflatten(self.params_spec, w)
 
     def hparams(self, h: Sequence[Tensor]) -> Any:
         return _tree.unflatten(self.hparams_spec, h)
+
+
+def check_unroll_distributed(strategy: Strategy, distributed: Any) -> None:
+    if isinstance(strategy, Unroll) and distributed is not None:
+        raise ValueError(
+            "`strategy=Unroll(...)` with `distributed=DataParallel(...)` is not supported: differentiating through "
+            "all-reduced inner updates needs collectives inside torch.func transforms. Use an IFT strategy "
+            "(Neumann, ConjugateGradient, Exact) for data parallelism, or MicroBatches on one process."
+        )
 
 
 def check_strategy(strategy: Any) -> Strategy:
@@ -135,17 +232,20 @@ def hypergradient(
     strategy: Strategy = Neumann(steps=20, alpha=0.01),
     *,
     residual: bool = False,
+    distributed: DataParallel | None = None,
+    autocast: torch.dtype | None = None,
 ) -> tuple[Any, HypergradInfo]:
     r"""Total derivative of the validation loss with respect to the hyperparameters.
 
-    .. math::
-        \frac{dL_V}{d\lambda} = \frac{\partial L_V}{\partial\lambda}
-          - \Big(\frac{\partial^2 L_T}{\partial w\,\partial\lambda^\top}\Big)^{\!\top}
-            H^{-1} \frac{\partial L_V}{\partial w},
-        \qquad H = \frac{\partial^2 L_T}{\partial w\,\partial w^\top},
+    $$
+    \frac{dL_V}{d\lambda} = \frac{\partial L_V}{\partial\lambda}
+      - \Big(\frac{\partial^2 L_T}{\partial w\,\partial\lambda^\top}\Big)^{\!\top}
+        H^{-1} \frac{\partial L_V}{\partial w},
+    \qquad H = \frac{\partial^2 L_T}{\partial w\,\partial w^\top},
+    $$
 
     at ``params`` taken as w*(λ) (run the inner optimisation to near-stationarity first). The
-    strategy chooses how H⁻¹v is approximated; with :class:`Unroll` the derivative is instead
+    strategy chooses how H⁻¹v is approximated; with [`Unroll`][bilevel.Unroll] the derivative is instead
     taken through ``strategy.steps`` inner optimiser updates started at ``params``.
 
     Args:
@@ -155,13 +255,22 @@ def hypergradient(
         hparams: pytree of floating tensors, the hyperparameters λ.
         train_batch: passed to ``train_loss`` untouched.
         val_batch: passed to ``val_loss`` untouched.
-        strategy: :class:`Neumann`, :class:`Identity`, :class:`ConjugateGradient`,
-            :class:`Exact` or :class:`Unroll`.
+        strategy: [`Neumann`][bilevel.Neumann], [`Identity`][bilevel.Identity],
+            [`ConjugateGradient`][bilevel.ConjugateGradient], [`Exact`][bilevel.Exact] or
+            [`Unroll`][bilevel.Unroll].
         residual: also compute ‖Hx − ∂L_V/∂w‖ for Neumann/Identity (one extra HVP).
+        distributed: ``DataParallel`` to average every gradient and product over ranks, each
+            rank passing its own equal-sized shard of the batches (not with ``Unroll``).
+        autocast: ``torch.bfloat16`` / ``torch.float16`` to evaluate the losses under
+            ``torch.autocast``; the linear solve and the hypergradient stay in the params' and
+            hparams' dtypes.
+
+    Either batch may be a ``MicroBatches`` list: losses, gradients and HVPs are then
+    averaged over its micro-batches (gradient accumulation).
 
     Returns:
         ``(grads, info)``: ``grads`` has the structure, shapes, dtypes and devices of
-        ``hparams``; ``info`` is a :class:`HypergradInfo`.
+        ``hparams``; ``info`` is a [`HypergradInfo`][bilevel.HypergradInfo].
 
     Example:
         >>> import torch, bilevel
@@ -183,7 +292,8 @@ def hypergradient(
         Lorraine, Vicol & Duvenaud (2020), Eq. IFT, Algorithms 2 and 3, Table 1.
     """
     strategy = check_strategy(strategy)
-    problem, w, h = Problem.create(train_loss, val_loss, params, hparams)
+    check_unroll_distributed(strategy, distributed)
+    problem, w, h = Problem.create(train_loss, val_loss, params, hparams, autocast=autocast, distributed=distributed)
     if isinstance(strategy, Unroll):
         grads, info = unrolled_hypergradient(
             problem,
@@ -210,12 +320,11 @@ def ift_hypergradient(
     residual: bool = False,
 ) -> tuple[list[Tensor], HypergradInfo]:
     """IFT hypergradient on flat leaves; see :func:`hypergradient`."""
-    train_f = problem.on(problem.train_loss, train_batch)
-    (gw, gh), val = torch.func.grad_and_value(problem.on(problem.val_loss, val_batch), argnums=(0, 1))(w, h)
+    (gw, gh), val = problem.value_and_grad(problem.val_loss, val_batch, w, h, argnums=(0, 1))
     name = strategy.name
     if isinstance(strategy, Identity):
         strategy = strategy.as_neumann()
-    op = (ReverseHVP() if isinstance(strategy, Exact) else strategy.hvp).build(train_f, w, h)
+    op = problem.operator(ReverseHVP() if isinstance(strategy, Exact) else strategy.hvp, train_batch, w, h)
     extra: dict[str, Any] = {}
 
     if isinstance(strategy, Neumann):
@@ -233,14 +342,13 @@ def ift_hypergradient(
         x = cg.x
         extra.update(residual=cg.residual, iterations=cg.iterations, converged=cg.converged)
     else:  # Exact
-        flat_w = _tree.ravel(w)
-        hessian = torch.func.hessian(lambda flat: train_f(tuple(_tree.unravel(flat, w)), h))(flat_w)
+        hessian = problem.dense_hessian(train_batch, w, h)
         flat_x, extra["residual"] = _linalg.dense_solve(hessian, _tree.ravel(gw), strategy.damping)
         x = _tree.unravel(flat_x, w)
-        op.hvps += flat_w.numel()
+        op.hvps += hessian.shape[0]
 
     grads = _tree.add(gh, op.mixed_vjp(x), -1.0)
-    return grads, HypergradInfo(strategy=name, hvps=op.hvps, val_loss=val.detach(), **extra)
+    return grads, HypergradInfo(strategy=name, hvps=op.hvps, val_loss=val, **extra)
 
 
 def unrolled_hypergradient(
@@ -257,13 +365,17 @@ def unrolled_hypergradient(
     w₀ = ``w`` with optimiser state ``state``; w_{k+1} = w_k + update(∇_w L_T(w_k, λ; batch_k)).
     """
 
+    def mean_over_parts(loss: Loss, batch: Any) -> Callable[[Leaves, Leaves], Tensor]:
+        fs = [problem.on(loss, piece) for piece in parts(batch)]
+        return lambda ww, hh: sum(f(ww, hh) for f in fs) / len(fs)  # type: ignore[return-value]
+
     def outer(hh: Leaves) -> Tensor:
         ww, st = w, state
         for batch in train_batches:
-            grads = torch.func.grad(problem.on(problem.train_loss, batch), argnums=0)(ww, hh)
+            grads = torch.func.grad(mean_over_parts(problem.train_loss, batch), argnums=0)(ww, hh)
             updates, st = optimizer.update(grads, st, params=ww, inplace=False)
             ww = torchopt.apply_updates(ww, updates, inplace=False)
-        return problem.on(problem.val_loss, val_batch)(ww, hh)
+        return mean_over_parts(problem.val_loss, val_batch)(ww, hh)
 
     grads, val = torch.func.grad_and_value(outer)(h)
     hvps = max(len(train_batches) - 1, 0)  # the first update's w-derivative is zero (w₀ is fixed)

@@ -18,10 +18,12 @@ import torchopt
 from torch import Tensor
 
 from bilevel import _tree
+from bilevel._distributed import DataParallel
 from bilevel._hypergradient import (
     HypergradInfo,
     Problem,
     check_strategy,
+    check_unroll_distributed,
     ift_hypergradient,
     unrolled_hypergradient,
 )
@@ -37,12 +39,15 @@ class NonFiniteError(FloatingPointError):
 
 @dataclasses.dataclass(frozen=True)
 class StepResult:
-    """What one :meth:`BilevelOptimizer.step` did. Tensors are 0-dim and cost no host sync until read.
+    """What one [`BilevelOptimizer.step`][bilevel.BilevelOptimizer.step] did.
+
+    Tensors are 0-dim and cost no host sync until read.
 
     Attributes:
         loss: training loss L_T(w, λ) on the batch, before the inner update.
         inner_applied: bool tensor, False if the inner update was skipped as non-finite.
-        hyper: the hyperstep's :class:`HypergradInfo` when one happened on this call, else None.
+        hyper: the hyperstep's [`HypergradInfo`][bilevel.HypergradInfo] when one happened on this
+            call, else None.
         outer_applied: whether the hyperstep's update was applied (None if no hyperstep).
     """
 
@@ -66,14 +71,19 @@ def _float_leaves(tree: Any) -> list[Tensor]:
 class BilevelOptimizer:
     r"""Jointly optimise weights w and hyperparameters λ (Algorithm 1 of Lorraine et al., 2020).
 
-    Each :meth:`step` does one inner update of the weights with the ``inner`` optimiser,
+    Each [`step`][bilevel.BilevelOptimizer.step] does one inner update of the weights with the
+    ``inner`` optimiser,
 
-    .. math:: w \leftarrow w + \mathrm{inner}\big(\nabla_w L_T(w, \lambda)\big),
+    $$
+    w \leftarrow w + \mathrm{inner}\big(\nabla_w L_T(w, \lambda)\big),
+    $$
 
     and on every ``inner_steps``-th call also one outer update of the hyperparameters with the
-    hypergradient of :func:`bilevel.hypergradient` (current w taken as w*(λ)),
+    hypergradient of [`bilevel.hypergradient`][bilevel.hypergradient] (current w taken as w*(λ)),
 
-    .. math:: \lambda \leftarrow \lambda + \mathrm{outer}\big(dL_V/d\lambda\big).
+    $$
+    \lambda \leftarrow \lambda + \mathrm{outer}\big(dL_V/d\lambda\big).
+    $$
 
     With ``strategy=Unroll(K, ...)`` the hypergradient is instead obtained by differentiating
     through the optimiser's own last K inner updates (truncated backpropagation), recomputed from a
@@ -81,8 +91,9 @@ class BilevelOptimizer:
 
     Numerical safety: an update whose result would contain NaN/Inf is not applied; params,
     hparams and both optimiser states keep their previous values. Skips are counted
-    (:attr:`skipped_inner_steps`, :attr:`skipped_outer_steps`) and warned about, or raise
-    :class:`NonFiniteError` when ``strict=True``. On CPU the check is an ordinary branch; on
+    ([`skipped_inner_steps`][bilevel.BilevelOptimizer.skipped_inner_steps],
+    [`skipped_outer_steps`][bilevel.BilevelOptimizer.skipped_outer_steps]) and warned about, or
+    raise [`NonFiniteError`][bilevel.NonFiniteError] when ``strict=True``. On CPU the check is an ordinary branch; on
     accelerators the inner check is a device-side select (no host sync per step) and its warning is
     issued at the next hyperstep.
 
@@ -96,9 +107,16 @@ class BilevelOptimizer:
         hparams: initial hyperparameters (pytree of floating tensors); copied, never mutated.
         inner: torchopt optimiser for the weights (paper: Adam 1e-4).
         outer: torchopt optimiser for the hyperparameters (paper: RMSprop 1e-2).
-        strategy: how hypergradients are computed (see :func:`bilevel.hypergradient`).
+        strategy: how hypergradients are computed (see [`hypergradient`][bilevel.hypergradient]).
         inner_steps: N, the number of inner updates per hyperstep.
-        strict: raise :class:`NonFiniteError` instead of skipping non-finite updates.
+        strict: raise [`NonFiniteError`][bilevel.NonFiniteError] instead of skipping non-finite
+            updates.
+        distributed: ``DataParallel`` to train data-parallel under ``torchrun``: every rank passes
+            its own equal-sized shard and all ranks apply the same, full-batch updates.
+        autocast: evaluate the losses under ``torch.autocast`` with this dtype (see
+            [`hypergradient`][bilevel.hypergradient]).
+
+    Batches may be ``MicroBatches`` for gradient accumulation.
 
     Example:
         >>> import torch, torchopt, bilevel
@@ -134,8 +152,13 @@ class BilevelOptimizer:
         strategy: Strategy = Neumann(steps=5, alpha=1e-2),
         inner_steps: int = 10,
         strict: bool = False,
+        distributed: DataParallel | None = None,
+        autocast: torch.dtype | None = None,
     ) -> None:
-        self._problem, w, h = Problem.create(train_loss, val_loss, params, hparams)
+        check_unroll_distributed(check_strategy(strategy), distributed)
+        self._problem, w, h = Problem.create(
+            train_loss, val_loss, params, hparams, autocast=autocast, distributed=distributed
+        )
         _check_transformation(inner, "inner")
         _check_transformation(outer, "outer")
         self.strategy = check_strategy(strategy)
@@ -177,7 +200,7 @@ class BilevelOptimizer:
 
     @property
     def steps(self) -> int:
-        """Inner steps taken so far (calls to :meth:`step` or :meth:`inner_step`)."""
+        """Inner steps taken so far (calls to ``step`` or ``inner_step``)."""
         return self._steps
 
     @property
@@ -217,15 +240,13 @@ class BilevelOptimizer:
         return self._outer(train_batch, val_batch)[0]
 
     def _inner(self, batch: Any) -> tuple[Tensor, Tensor]:
-        loss_fn = self._problem.on(self._problem.train_loss, batch)
-        grads, loss = torch.func.grad_and_value(loss_fn)(self._w, self._h)
-        updates, state = self.inner.update(grads, self._inner_state, params=self._w, inplace=False)
+        (grads,), loss = self._problem.value_and_grad(self._problem.train_loss, batch, self._w, self._h, (0,))
+        updates, state = self.inner.update(tuple(grads), self._inner_state, params=self._w, inplace=False)
         w = tuple(torchopt.apply_updates(self._w, updates, inplace=False))
         ok = torch.isfinite(loss) & _tree.all_finite([*w, *_float_leaves(state)])
         if self._window.maxlen:
             self._window.append((self._w, self._inner_state, batch))
         self._steps += 1
-        loss = loss.detach()
         if self._device_select:
             self._w = tuple(torch.where(ok, new, old) for new, old in zip(w, self._w))
             self._inner_state = optree.tree_map(
@@ -234,13 +255,20 @@ class BilevelOptimizer:
                 self._inner_state,
             )
             self._skipped_inner += (~ok).long()
+            self._check_sync("params after an inner step")
             return loss, ok
         if bool(ok):
             self._w, self._inner_state = w, state
+            self._check_sync("params after an inner step")
             return loss, ok
         self._skipped_inner += 1
         self._report_inner_skips()
         return loss, ok
+
+    def _check_sync(self, what: str) -> None:
+        parallel = self._problem.parallel
+        if parallel is not None and parallel.check_sync:
+            parallel.assert_in_sync([*self._w, *self._h], what)
 
     def _report_inner_skips(self) -> None:
         skipped = int(self._skipped_inner)
@@ -293,6 +321,7 @@ class BilevelOptimizer:
             warnings.warn(message, RuntimeWarning, stacklevel=3)
             return info, False
         self._h, self._outer_state = h, state
+        self._check_sync("hparams after a hyperstep")
         if isinstance(self.strategy, Neumann) and self.strategy.alpha == "auto":
             if info.lambda_max is not None:  # refreshed on this hyperstep
                 self._alpha, self._alpha_age = info.alpha, 0
@@ -324,7 +353,7 @@ class BilevelOptimizer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` into an optimiser built with the same losses and structures."""
+        """Restore a ``state_dict()`` into an optimiser built with the same losses and structures."""
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
             raise ValueError(
                 f"`state` is not a BilevelOptimizer.state_dict() of version {_STATE_VERSION} "

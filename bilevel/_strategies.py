@@ -1,6 +1,7 @@
 """How a hypergradient is computed: small frozen configs validated at construction.
 
-Pass one as ``strategy=`` to :func:`bilevel.hypergradient` or :class:`bilevel.BilevelOptimizer`.
+Pass one as ``strategy=`` to [`hypergradient`][bilevel.hypergradient] or
+[`BilevelOptimizer`][bilevel.BilevelOptimizer].
 The IFT strategies (Neumann, Identity, ConjugateGradient, Exact) differ only in how they
 approximate H⁻¹v (Table 1 of Lorraine et al., 2020); Unroll differentiates through inner
 optimisation steps instead.
@@ -44,22 +45,24 @@ def _check_hvp(cls: str, value: Any) -> None:
 class Neumann:
     r"""Truncated Neumann series for the inverse Hessian (Algorithm 3 of the paper).
 
-    .. math:: H^{-1} v \approx \alpha \sum_{j=0}^{\text{steps}-1} (I - \alpha H)^j v
+    $$
+    H^{-1} v \approx \alpha \sum_{j=0}^{\text{steps}-1} (I - \alpha H)^j v
+    $$
 
     using ``steps − 1`` Hessian-vector products. The series converges when
-    :math:`0 < \alpha\,\lambda_i(H) < 2` for every eigenvalue; ``alpha="auto"`` sets
-    :math:`\alpha = 1/\hat\lambda_{\max}` from ``power_iters`` products of power iteration.
-    By the paper's Theorem 2 this equals ``steps`` unrolled SGD steps of learning rate α
-    started at w*.
+    \(0 < \alpha\,\lambda_i(H) < 2\) for every eigenvalue \(\lambda_i(H)\) of the training
+    Hessian; ``alpha="auto"`` sets \(\alpha = 1/\hat\lambda_{\max}\) from ``power_iters``
+    products of power iteration. By the paper's Theorem 2 this equals ``steps`` unrolled SGD steps
+    of learning rate α started at w*.
 
     Args:
-        steps: number of series terms (≥ 1); ``steps=1`` is :class:`Identity`.
+        steps: number of series terms (≥ 1); ``steps=1`` is [`Identity`][bilevel.Identity].
         alpha: step size α > 0, or ``"auto"``.
-        hvp: how Hessian-vector products are computed (default :class:`ReverseHVP`).
+        hvp: how Hessian-vector products are computed (default [`ReverseHVP`][bilevel.ReverseHVP]).
         power_iters: products spent estimating λ_max when ``alpha="auto"``.
-        refresh_every: with ``alpha="auto"`` in :class:`BilevelOptimizer`, re-estimate λ_max on
-            every ``refresh_every``-th hyperstep and reuse it in between. The functional
-            :func:`hypergradient` estimates it on every call.
+        refresh_every: with ``alpha="auto"`` in [`BilevelOptimizer`][bilevel.BilevelOptimizer], re-estimate
+            λ_max on every ``refresh_every``-th hyperstep and reuse it in between. The functional
+            [`hypergradient`][bilevel.hypergradient] estimates it on every call.
 
     Example:
         >>> import bilevel
@@ -99,13 +102,27 @@ class Neumann:
 class Identity:
     r"""H⁻¹ ≈ αI: the hypergradient ∂L_V/∂λ − α (∂²L_T/∂λ∂w) ∂L_V/∂w, with no HVP at all.
 
+    $$
+    \frac{dL_V}{d\lambda} \approx \frac{\partial L_V}{\partial\lambda}
+      - \alpha \Big(\frac{\partial^2 L_T}{\partial w\,\partial\lambda^\top}\Big)^{\!\top}
+        \frac{\partial L_V}{\partial w}
+    $$
+
     Exactly ``Neumann(steps=1, alpha)`` (the "T1 − T2" method of Luketina et al., 2016). Only the
     mixed product needs second derivatives; ``hvp`` says how it is computed.
+
+    Args:
+        alpha: the scale α > 0 of the identity standing in for H⁻¹.
+        hvp: how the mixed product is computed (default [`ReverseHVP`][bilevel.ReverseHVP]).
 
     Example:
         >>> import bilevel
         >>> bilevel.Identity(alpha=0.1).as_neumann()
         Neumann(steps=1, alpha=0.1, hvp=ReverseHVP(), power_iters=20, refresh_every=1)
+
+    References:
+        Lorraine, Vicol & Duvenaud (2020), Table 1; Luketina et al. (2016), "Scalable
+        gradient-based tuning of continuous regularization hyperparameters".
     """
 
     alpha: float = 1.0
@@ -120,7 +137,7 @@ class Identity:
         return "identity"
 
     def as_neumann(self) -> Neumann:
-        """The equivalent one-term :class:`Neumann` strategy."""
+        """The equivalent one-term [`Neumann`][bilevel.Neumann] strategy."""
         return Neumann(steps=1, alpha=self.alpha, hvp=self.hvp)
 
 
@@ -128,8 +145,15 @@ class Identity:
 class ConjugateGradient:
     r"""Solve (H + δI) x = ∂L_V/∂w by conjugate gradients.
 
-    Stops when ‖r‖ ≤ tol·‖∂L_V/∂w‖ or after ``maxiter`` Hessian-vector products. Converges when
-    H + δI is positive definite; ``damping`` δ > 0 regularises an indefinite or ill-conditioned
+    $$
+    x_k = \operatorname*{arg\,min}_{x \in \mathcal{K}_k}
+      \tfrac12 x^\top (H + \delta I) x - x^\top b,
+    \qquad \mathcal{K}_k = \operatorname{span}\{b, (H+\delta I) b, \dots, (H+\delta I)^{k-1} b\},
+    $$
+
+    with \(b = \partial L_V/\partial w\), one Hessian-vector product per iteration. Stops when
+    ‖r‖ ≤ tol·‖b‖ or after ``maxiter`` Hessian-vector products. Converges when H + δI is
+    positive definite; ``damping`` δ > 0 regularises an indefinite or ill-conditioned
     Hessian (the solve then targets the damped system).
 
     Args:
@@ -142,6 +166,10 @@ class ConjugateGradient:
         >>> import bilevel
         >>> bilevel.ConjugateGradient(maxiter=50, damping=1e-3).name
         'cg'
+
+    References:
+        Hestenes & Stiefel (1952); used for hyperparameters by Pedregosa (2016, HOAG) and
+        compared with Neumann in Lorraine, Vicol & Duvenaud (2020), Section 5.1.
     """
 
     maxiter: int
@@ -164,8 +192,15 @@ class ConjugateGradient:
 class Exact:
     r"""Dense Hessian from ``torch.func.hessian`` and a direct solve of (H + δI) x = ∂L_V/∂w.
 
+    $$
+    x = (H + \delta I)^{-1} \frac{\partial L_V}{\partial w}
+    $$
+
     Costs O(P²) memory and O(P³) time for P parameters: for small problems and as the reference
     in tests and recipes.
+
+    Args:
+        damping: δ ≥ 0 added to the Hessian's diagonal before the solve.
 
     Example:
         >>> import bilevel
@@ -187,10 +222,11 @@ class Exact:
 class Unroll:
     r"""Differentiate through ``steps`` inner optimiser updates (truncated unrolling).
 
-    In :func:`hypergradient`: starting from ``params`` with a fresh optimiser state, run
-    :math:`w_{k+1} = w_k + u(\nabla_w L_T(w_k, \lambda))` for ``steps`` updates on
-    ``train_batch``, then return :math:`d L_V(w_{\text{steps}}(\lambda), \lambda)/d\lambda`.
-    In :class:`BilevelOptimizer`: backpropagate through its own last ``steps`` inner updates.
+    In [`hypergradient`][bilevel.hypergradient]: starting from ``params`` with a fresh optimiser
+    state, run \(w_{k+1} = w_k + u(\nabla_w L_T(w_k, \lambda))\) for ``steps`` updates on
+    ``train_batch``, then return \(d L_V(w_{\text{steps}}(\lambda), \lambda)/d\lambda\).
+    In [`BilevelOptimizer`][bilevel.BilevelOptimizer]: backpropagate through its own last
+    ``steps`` inner updates.
     Memory grows linearly in ``steps`` (Table 2 of the paper).
 
     Args:
@@ -201,6 +237,10 @@ class Unroll:
         >>> import bilevel, torchopt
         >>> bilevel.Unroll(steps=5, optimizer=torchopt.sgd(lr=0.1)).name
         'unroll'
+
+    References:
+        Maclaurin, Duvenaud & Adams (2015); Shaban et al. (2019) for truncation; Lorraine, Vicol
+        & Duvenaud (2020), Section 4.2 and Theorem 2 (SGD unrolled from w* is the Neumann series).
     """
 
     steps: int

@@ -1,0 +1,77 @@
+"""Worker run in each spawned process by tests/test_distributed.py (2 gloo ranks on loopback)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torchopt
+
+import bilevel
+from tests.problems import Logistic
+
+N = 64  # examples per set; each of the 2 ranks takes one half
+
+
+def strategies():
+    return {
+        "neumann": bilevel.Neumann(steps=30, alpha=0.5),
+        "neumann_auto": bilevel.Neumann(steps=10, alpha="auto"),
+        "cg": bilevel.ConjugateGradient(maxiter=20, tol=1e-12),
+        "exact": bilevel.Exact(),
+    }
+
+
+def make_optimizer(problem, distributed=None, hparams=None):
+    return bilevel.BilevelOptimizer(
+        problem.train_loss,
+        problem.val_loss,
+        {"w": torch.zeros(problem.X.shape[1])},
+        hparams if hparams is not None else problem.hparams(),
+        inner=torchopt.adam(0.05),
+        outer=torchopt.adam(0.05),
+        strategy=bilevel.ConjugateGradient(maxiter=10),
+        inner_steps=3,
+        distributed=distributed,
+    )
+
+
+def shard(problem, rank: int, world: int):
+    size = N // world
+    part = slice(rank * size, (rank + 1) * size)
+    return (problem.X[part], problem.y[part]), (problem.Xv[part], problem.yv[part])
+
+
+def run(rank: int, world: int, store: str, out: str) -> None:
+    torch.set_default_dtype(torch.float64)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        problem = Logistic.make(n=N)
+        train, val = shard(problem, rank, world)
+        results: dict = {}
+        parallel = bilevel.DataParallel(check_sync=True)
+        for name, strategy in strategies().items():
+            grads, info = bilevel.hypergradient(
+                problem.train_loss,
+                problem.val_loss,
+                problem.params(),
+                problem.hparams(),
+                train,
+                val,
+                strategy=strategy,
+                distributed=parallel,
+            )
+            results[name] = (grads["log_l2"], info.val_loss, info.hvps)
+        opt = make_optimizer(problem, parallel)
+        for _ in range(7):
+            opt.step(train, val)
+        results["optimizer"] = (opt.params["w"], opt.hparams["log_l2"], opt.hypersteps)
+        # Out of sync on purpose: rank 1 starts from other hparams; check_sync must notice.
+        opt = make_optimizer(problem, parallel, {"log_l2": problem.lam + rank})
+        try:
+            opt.step(train, val)
+            results["sync_error"] = None
+        except RuntimeError as err:
+            results["sync_error"] = str(err)
+        torch.save(results, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
