@@ -243,11 +243,12 @@ class BilevelOptimizer:
         (grads,), loss = self._problem.value_and_grad(self._problem.train_loss, batch, self._w, self._h, (0,))
         updates, state = self.inner.update(tuple(grads), self._inner_state, params=self._w, inplace=False)
         w = tuple(torchopt.apply_updates(self._w, updates, inplace=False))
-        ok = torch.isfinite(loss) & _tree.all_finite([*w, *_float_leaves(state)])
+        written = [*w, *_float_leaves(state)]
         if self._window.maxlen:
             self._window.append((self._w, self._inner_state, batch))
         self._steps += 1
         if self._device_select:
+            ok = torch.isfinite(loss) & _tree.all_finite(written)
             self._w = tuple(torch.where(ok, new, old) for new, old in zip(w, self._w))
             self._inner_state = optree.tree_map(
                 lambda new, old: torch.where(ok, new, old) if isinstance(new, Tensor) else new,
@@ -257,13 +258,16 @@ class BilevelOptimizer:
             self._skipped_inner += (~ok).long()
             self._check_sync("params after an inner step")
             return loss, ok
-        if bool(ok):
+        # Host branch: a cheap sum screen, and the exact check only when the screen fails.
+        loss_ok = bool(torch.isfinite(loss))
+        applied = loss_ok and (bool(_tree.sum_is_finite(written)) or bool(_tree.all_finite(written)))
+        if applied:
             self._w, self._inner_state = w, state
             self._check_sync("params after an inner step")
-            return loss, ok
-        self._skipped_inner += 1
-        self._report_inner_skips()
-        return loss, ok
+        else:
+            self._skipped_inner += 1
+            self._report_inner_skips()
+        return loss, torch.tensor(applied)
 
     def _check_sync(self, what: str) -> None:
         parallel = self._problem.parallel

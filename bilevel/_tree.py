@@ -88,8 +88,23 @@ def norm(x: Sequence[Tensor]) -> Tensor:
 
 
 def all_finite(x: Sequence[Tensor]) -> Tensor:
-    """0-dim bool tensor: every element of every tensor is finite (no host sync)."""
-    return torch.stack([torch.isfinite(t).all() for t in x]).all()
+    """0-dim bool tensor: every element of every tensor is finite (exact; no host sync).
+
+    Uses each tensor's min and max (one read, no tensor-sized temporary): NaN propagates through
+    both, +inf shows in the max and -inf in the min.
+    """
+    extremes = [v.double() for t in x if t.numel() for v in torch.aminmax(t.detach())]
+    return torch.isfinite(torch.stack(extremes)).all() if extremes else torch.ones((), dtype=torch.bool)
+
+
+def sum_is_finite(x: Sequence[Tensor]) -> Tensor:
+    """0-dim bool tensor, a fast screen for :func:`all_finite`: True implies every element is finite.
+
+    A sum is non-finite whenever an element is NaN or ±inf; the converse can fail only if finite
+    values overflow when added (|values| near the dtype's max), so a False needs the exact check.
+    """
+    sums = [t.detach().sum().double() for t in x if t.numel()]
+    return torch.isfinite(torch.stack(sums).sum()) if sums else torch.ones((), dtype=torch.bool)
 
 
 def ravel(x: Sequence[Tensor]) -> Tensor:

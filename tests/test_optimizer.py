@@ -366,3 +366,16 @@ def test_initial_trees_are_copied_not_mutated():
     w0.fill_(5.0)  # the user's tensor is not the optimiser's state
     assert not torch.equal(opt.params["w"], w0)
     assert opt.hparams["log_l2"].item() != 0.0
+
+
+def test_finite_checks_are_exact():
+    """The sum screen may only err towards "check again"; the exact check decides."""
+    from bilevel import _tree
+
+    big = torch.full((4,), torch.finfo(torch.float32).max, dtype=torch.float32)  # finite, but its sum overflows
+    assert not bool(_tree.sum_is_finite([big])) and bool(_tree.all_finite([big]))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.zeros(5)
+        t[3] = bad
+        assert not bool(_tree.all_finite([torch.zeros(2), t])) and not bool(_tree.sum_is_finite([t]))
+    assert bool(_tree.all_finite([torch.zeros(0), torch.ones(3)])) and bool(_tree.sum_is_finite([torch.zeros(0)]))
