@@ -1,0 +1,200 @@
+"""bench.json and the markdown table bench.md."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+KEYS = (
+    "overhead_ratio",
+    "torchopt_ratio",
+    "time_to_accuracy",
+    "unroll_vs_higher",
+    "neumann_mem_ratio",
+    "step_overhead_ratio",
+    "hvp_modes",
+    "max_hparams",
+    "bilevel_vs_plain_training",
+)
+
+
+def machine(threads: int, device: str) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "threads": threads,
+        "device": device,
+        "cuda": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torchopt": version("torchopt"),
+        "higher": version("higher"),
+        "platform": platform.platform(),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, bool) or x is None:
+        return {True: "yes", False: "**no**", None: "–"}[x]
+    if isinstance(x, float):
+        return f"{x:,.0f}" if abs(x) >= 1e4 else f"{x:.3g}"
+    return str(x)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    lines = [
+        f"# bilevel benchmarks ({'quick' if meta['quick'] else 'full'} run)",
+        "",
+        f"{meta['machine']['cpu']}, {meta['machine']['threads']} thread(s) of {meta['machine']['logical_cpus']} "
+        f"logical CPUs, torch {meta['machine']['torch']}, torchopt {meta['machine']['torchopt']}, "
+        f"higher {meta['machine']['higher']}, {meta['machine']['date_utc']}; {meta['seconds']:.0f} s.",
+        f"Times: medians over {meta['rounds']} interleaved rounds of torch.utils.benchmark.Timer samples; "
+        f"ratios formed within each round. Memory: {meta['memory_method']}.",
+        "",
+        "| key | value | unit | goal | met |",
+        "|---|---|---|---|---|",
+    ]
+    for key in KEYS:
+        r = results[key]
+        lines.append(f"| `{key}` | {_fmt(r['value'])} | {r['unit']} | {r['goal'] or '–'} | {_fmt(r['met'])} |")
+
+    lines += [
+        "",
+        "## Overhead against the physical limit (K = 20)",
+        "",
+        "| problem | params = hparams | Neumann / limit | CG / limit | Neumann(20) ms | fwd+bwd ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in results["overhead_ratio"]["details"]["problems"].items():
+        lines.append(
+            f"| {name} | {row['params']:,} | {row['neumann']:.3f} | {row['cg']:.3f} | "
+            f"{row['ms']['neumann']:.1f} | {row['ms']['grad_val']:.1f} |"
+        )
+
+    t = results["torchopt_ratio"]["details"]
+    lines += [
+        "",
+        f"## torchopt at equal iterations ({t['problem']['name']})",
+        "",
+        "| comparison | torchopt time / ours | relative difference of hypergradients |",
+        "|---|---|---|",
+    ]
+    for (rk, rv), dv in zip(t["ratios"].items(), t["rel_diff"].values()):
+        lines.append(f"| {rk} | {rv:.3f} | {dv:.2e} |")
+
+    a = results["time_to_accuracy"]["details"]
+    lines += [
+        "",
+        f"## Time to cosine ≥ 0.99 ({a['problem']['name']})",
+        "",
+        "| method | cheapest config reaching 0.99 | cosine | ms |",
+        "|---|---|---|---|",
+    ]
+    for family, hit in a["families"].items():
+        if hit is None:
+            lines.append(f"| {family} | not reached in the grid | – | – |")
+        else:
+            lines.append(f"| {family} | {hit['config']} | {hit['cosine']:.4f} | {hit.get('ms', math.nan):.1f} |")
+
+    u = results["unroll_vs_higher"]["details"]
+    lines += [
+        "",
+        f"## Unroll vs higher ({u['problem']['name']}, batch {u['problem']['batch']})",
+        "",
+        "| K | ours/higher time | ours/higher memory | autograd/higher time | autograd/higher memory | "
+        "peak MiB ours / higher / autograd | rel. diff |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for k, row in u["steps"].items():
+        m = row["peak_mib"]
+        lines.append(
+            f"| {k} | {row['time_ratio']:.3f} | {row['memory_ratio']:.3f} | {row['autograd_time_ratio']:.3f} "
+            f"| {row['autograd_memory_ratio']:.3f} | {m['ours']:.0f} / {m['higher']:.0f} / "
+            f"{m['autograd']:.0f} | {row['rel_diff_vs_higher']:.1e} |"
+        )
+
+    n = results["neumann_mem_ratio"]["details"]
+    lines += [
+        "",
+        f"## Peak memory against K (Table 2; {n['problem']}, batch {n['batch']})",
+        "",
+        "| strategy | K | peak growth MiB |",
+        "|---|---|---|",
+    ]
+    for strategy, by_k in n["peak_mib"].items():
+        for k, mib in by_k.items():
+            lines.append(f"| {strategy} | {k} | {mib:.1f} |")
+
+    s = results["step_overhead_ratio"]["details"]["problems"]
+    lines += [
+        "",
+        "## BilevelOptimizer.step (no hyperstep) vs plain torchopt",
+        "",
+        "| problem | ratio | ms/step ours | ms/step plain |",
+        "|---|---|---|---|",
+    ]
+    for name, row in s.items():
+        ms = row["ms_per_step"]
+        lines.append(f"| {name} | {row['ratio']:.3f} | {ms['bilevel_step']:.2f} | {ms['plain_torchopt']:.2f} |")
+
+    h = results["hvp_modes"]["details"]
+    lines += [
+        "",
+        f"## HVP modes, Neumann(20) ({h['problem']['name']})",
+        "",
+        "| mode | ms | time / reverse | rel. diff to reverse |",
+        "|---|---|---|---|",
+    ]
+    for mode, r in h["ratio_to_reverse"].items():
+        lines.append(f"| {mode} | {h['ms'][mode]:.1f} | {r:.3f} | {h['rel_diff_to_reverse'][mode]:.1e} |")
+    mh = results["max_hparams"]["details"]
+    lines += [
+        "",
+        f"Largest problem: {mh['problem']}: Neumann(20) {mh['neumann20_ms']:.0f} ms, CG(20) "
+        f"{mh['cg20_ms']:.0f} ms, one forward+backward of L_V {mh['forward_backward_ms']:.1f} ms.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write(out: Path, results: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(_plain(results), indent=2) + "\n")
+    (out / "bench.md").write_text(markdown(results))

@@ -1,0 +1,408 @@
+"""The measurements behind each key of bench.json, one function per key.
+
+Every function returns a record ``{"value", "unit", "goal", "met", "details"}``; ``value`` is the
+headline number, ``details`` the per-problem numbers it was taken from. Times are medians over
+interleaved rounds (see :mod:`benchmarks.timing`); memory comes from :mod:`benchmarks.memory`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torchopt
+
+import bilevel
+from benchmarks import cases, memory, problems, timing
+from benchmarks.problems import Problem
+
+ALPHA = 1e-3  # Neumann step for the timing cases: small enough that 100 terms stay finite at init
+K = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Sizes and effort of one run (``--quick`` or full)."""
+
+    quick: bool
+    mlps: tuple[tuple[int, ...], ...]
+    batch: int
+    cnn_batch: int
+    mid: tuple[int, ...]  # the problem for the single-problem comparisons
+    unroll_widths: tuple[int, ...]
+    unroll_batch: int
+    unroll_mem_steps: tuple[int, ...]
+    tta_widths: tuple[int, ...]
+    rounds: int
+    min_time: float
+    threads: int
+    device: str
+
+    @classmethod
+    def make(cls, quick: bool, threads: int, device: str) -> Config:
+        large = (784, 1024, 256, 10)  # 1 068 810 params and as many hparams
+        mid = (784, 512, 256, 10)  # the MLP of the issue's higher measurement
+        common = {"threads": threads, "device": device}
+        if quick:
+            small = (784, 128, 10)
+            return cls(
+                quick=True,
+                mlps=(small, large),
+                batch=64,
+                cnn_batch=16,
+                mid=small,
+                unroll_widths=small,
+                unroll_batch=128,
+                unroll_mem_steps=(2, 10, 20),
+                tta_widths=(64, 64, 10),
+                rounds=3,
+                min_time=0.03,
+                **common,
+            )
+        return cls(
+            quick=False,
+            mlps=((784, 128, 10), mid, large),
+            batch=256,
+            cnn_batch=64,
+            mid=mid,
+            unroll_widths=mid,
+            unroll_batch=512,
+            unroll_mem_steps=(2, 10, 20, 50),
+            tta_widths=(784, 128, 10),
+            rounds=7,
+            min_time=0.2,
+            **common,
+        )
+
+    def problem(self, kind: str, widths: tuple[int, ...] = (), batch: int | None = None, **kw: Any) -> Problem:
+        return problems.make(kind, widths or self.mid, batch or self.batch, device=self.device, **kw)
+
+
+def record(value: float, unit: str, goal: str | None, met: bool | None, **details: Any) -> dict[str, Any]:
+    return {"value": value, "unit": unit, "goal": goal, "met": met, "details": details}
+
+
+def _ms(samples: dict[str, list[float]]) -> dict[str, float]:
+    return {k: 1e3 * timing.median(v) for k, v in samples.items()}
+
+
+# ------------------------------------------------------------------------------ 1. overhead
+def overhead(cfg: Config, log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Ours vs the sum of separately timed primitives, per problem; also feeds max_hparams."""
+    rows: dict[str, Any] = {}
+    shapes = [("mlp", w) for w in cfg.mlps] + [("cnn", ())]
+    for kind, widths in shapes:
+        problem = cfg.problem(kind, widths, cfg.cnn_batch if kind == "cnn" else cfg.batch)
+        log(f"overhead: {problem.name}")
+        prim = cases.Primitives(problem)
+        fns = prim.fns()
+        fns["neumann"] = cases.ours(problem, bilevel.Neumann(steps=K, alpha=ALPHA))
+        fns["cg"] = cases.ours(problem, bilevel.ConjugateGradient(maxiter=K, tol=0.0))
+        samples = timing.interleaved(fns, cfg.rounds, cfg.min_time)
+        rows[problem.name] = {
+            "params": problem.size,
+            "neumann": timing.ratio(samples, lambda t: t["neumann"], lambda t: cases.Primitives.limit(t, K - 1)),
+            "cg": timing.ratio(samples, lambda t: t["cg"], lambda t: cases.Primitives.limit(t, K)),
+            "scratch_over_linearised": timing.ratio(
+                samples,
+                lambda t: t["grad_val"] + (K - 1) * t["hvp_scratch"] + t["mixed"],
+                lambda t: t["grad_val"] + t["linearise"] + K * t["apply"],
+            ),
+            "ms": _ms(samples),
+        }
+    worst = max(max(r["neumann"], r["cg"]) for r in rows.values())
+    largest = max(rows, key=lambda k: rows[k]["params"])
+    big = rows[largest]
+    rec = record(worst, "ratio (worst problem, Neumann and CG)", "≤ 1.05", worst <= 1.05, K=K, problems=rows)
+    maxh = record(
+        float(big["params"]),
+        "hyperparameters",
+        "≥ 1 000 000",
+        big["params"] >= 1_000_000,
+        problem=largest,
+        neumann20_ms=big["ms"]["neumann"],
+        cg20_ms=big["ms"]["cg"],
+        forward_backward_ms=big["ms"]["grad_val"],
+    )
+    return rec, maxh
+
+
+# ------------------------------------------------------------------------- 2. torchopt
+def torchopt_ratio(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
+    problem = cfg.problem("mlp")
+    log(f"torchopt at equal iterations: {problem.name}")
+    ls = torchopt.linear_solve
+    fns = {
+        "ours_neumann": cases.ours(problem, bilevel.Neumann(steps=K, alpha=ALPHA)),
+        "torchopt_ns": cases.torchopt_implicit(problem, ls.solve_inv(ns=True, maxiter=K - 1, alpha=ALPHA)),
+        "ours_cg": cases.ours(problem, bilevel.ConjugateGradient(maxiter=K, tol=0.0)),
+        "torchopt_cg": cases.torchopt_implicit(problem, ls.solve_cg(maxiter=K, rtol=0.0, atol=0.0)),
+        "torchopt_normal_cg": cases.torchopt_implicit(problem, ls.solve_normal_cg(maxiter=K, rtol=0.0, atol=0.0)),
+    }
+    grads = {k: f() for k, f in fns.items()}
+    diffs = {
+        "ns_vs_neumann": cases.rel_diff(grads["torchopt_ns"], grads["ours_neumann"]),
+        "cg_vs_cg": cases.rel_diff(grads["torchopt_cg"], grads["ours_cg"]),
+        "normal_cg_vs_cg": cases.rel_diff(grads["torchopt_normal_cg"], grads["ours_cg"]),
+    }
+    samples = timing.interleaved(fns, cfg.rounds, cfg.min_time)
+    ratios = {
+        "ns_over_neumann": timing.ratio(samples, lambda t: t["torchopt_ns"], lambda t: t["ours_neumann"]),
+        "cg_over_cg": timing.ratio(samples, lambda t: t["torchopt_cg"], lambda t: t["ours_cg"]),
+        "normal_cg_over_cg": timing.ratio(samples, lambda t: t["torchopt_normal_cg"], lambda t: t["ours_cg"]),
+    }
+    value = min(ratios["ns_over_neumann"], ratios["cg_over_cg"])
+    return record(
+        value,
+        "torchopt time / ours, equal iterations (worse of Neumann, CG)",
+        "≥ 1.0",
+        value >= 1.0,
+        problem=problems.spec(problem),
+        K=K,
+        ratios=ratios,
+        rel_diff=diffs,
+        ms=_ms(samples),
+    )
+
+
+# ------------------------------------------------------------------- 2b. time to accuracy
+def time_to_accuracy(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
+    """Fastest configuration reaching cosine ≥ 0.99 with the converged hypergradient, ours vs torchopt."""
+    target = 0.99
+    log("time to accuracy: training the inner problem and a float64 CG reference")
+    ref_problem = cfg.problem("mlp", cfg.tta_widths, log_decay=math.log(1e-2), dtype=torch.float64)
+    problems.train(ref_problem, 300 if cfg.quick else 1000, lr=3e-3)
+    reference = cases.ours(ref_problem, bilevel.ConjugateGradient(maxiter=2000, tol=1e-10))()
+    problem = dataclasses.replace(
+        ref_problem,
+        params={k: v.float() for k, v in ref_problem.params.items()},
+        hparams={k: v.float() for k, v in ref_problem.hparams.items()},
+        train_batch=(ref_problem.train_batch[0].float(), ref_problem.train_batch[1]),
+        val_batch=(ref_problem.val_batch[0].float(), ref_problem.val_batch[1]),
+    )
+    grad_norm = float(
+        cases.flat(torch.func.grad(problem.train_loss)(problem.params, problem.hparams, problem.train_batch)).norm()
+    )
+    # λ_max of H, given to torchopt's Neumann for free (ours pays for its power iteration)
+    _, info = bilevel.hypergradient(
+        problem.train_loss,
+        problem.val_loss,
+        problem.params,
+        problem.hparams,
+        problem.train_batch,
+        problem.val_batch,
+        bilevel.Neumann(steps=1, alpha="auto", power_iters=50),
+    )
+    alpha_star = float(info.alpha)
+    ls = torchopt.linear_solve
+    grid = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+    tols = (0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 1e-3)
+    families: dict[str, list[tuple[str, Callable[[], Any]]]] = {
+        "ours: CG(maxiter=m)": [(f"m={m}", cases.ours(problem, bilevel.ConjugateGradient(m, tol=0.0))) for m in grid],
+        "ours: CG(tol=t)": [(f"tol={t}", cases.ours(problem, bilevel.ConjugateGradient(1000, tol=t))) for t in tols],
+        "ours: Neumann(K, 'auto', power_iters=5)": [
+            (f"K={k}", cases.ours(problem, bilevel.Neumann(k, "auto", power_iters=5))) for k in grid
+        ],
+        "ours: Neumann(K, 'auto', power_iters=10)": [
+            (f"K={k}", cases.ours(problem, bilevel.Neumann(k, "auto", power_iters=10))) for k in grid
+        ],
+        "torchopt: solve_cg(maxiter=m)": [
+            (f"m={m}", cases.torchopt_implicit(problem, ls.solve_cg(maxiter=m, rtol=0.0, atol=0.0))) for m in grid
+        ],
+        "torchopt: solve_cg(rtol=t)": [
+            (f"rtol={t}", cases.torchopt_implicit(problem, ls.solve_cg(maxiter=1000, rtol=t))) for t in tols
+        ],
+        "torchopt: solve_normal_cg(maxiter=m)": [
+            (f"m={m}", cases.torchopt_implicit(problem, ls.solve_normal_cg(maxiter=m, rtol=0.0, atol=0.0)))
+            for m in grid
+        ],
+        "torchopt: solve_inv(ns=True, alpha=1/λ_max given)": [
+            (f"K={k}", cases.torchopt_implicit(problem, ls.solve_inv(ns=True, maxiter=k - 1, alpha=alpha_star)))
+            for k in grid
+        ],
+    }
+    winners: dict[str, Callable[[], Any]] = {}
+    found: dict[str, Any] = {}
+    for family, configs in families.items():
+        found[family] = None
+        for label, fn in configs:
+            cos = cases.cosine(fn(), reference)
+            if cos >= target:
+                winners[family] = fn
+                found[family] = {"config": label, "cosine": cos}
+                break
+    samples = timing.interleaved(winners, cfg.rounds, cfg.min_time) if winners else {}
+    ms = _ms(samples)
+    for family, t in ms.items():
+        found[family]["ms"] = t
+    ours_keys = [k for k in winners if k.startswith("ours")]
+    peer_keys = [k for k in winners if k.startswith("torchopt")]
+    if ours_keys and peer_keys:
+        value = timing.ratio(samples, lambda t: min(t[k] for k in peer_keys), lambda t: min(t[k] for k in ours_keys))
+    else:
+        value = math.nan
+    return record(
+        value,
+        "torchopt's best time / ours to cosine ≥ 0.99",
+        "≥ 2.0",
+        value >= 2.0,
+        problem=problems.spec(problem),
+        train_grad_norm=grad_norm,
+        alpha_given_to_torchopt=alpha_star,
+        families=found,
+    )
+
+
+# -------------------------------------------------------------------- 3. unroll vs higher
+def unroll_vs_higher(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
+    lr = 0.05
+    problem = cfg.problem("mlp", cfg.unroll_widths, cfg.unroll_batch)
+    shape = {"kind": "mlp", "widths": list(cfg.unroll_widths), "batch": cfg.unroll_batch}
+    rows: dict[str, Any] = {}
+    for steps in (5, 20):
+        log(f"unroll vs higher: {problem.name}, K={steps}")
+        fns = {
+            "ours": cases.ours(problem, bilevel.Unroll(steps, torchopt.sgd(lr=lr))),
+            "higher": cases.higher_unroll(problem, steps, lr),
+            "autograd": cases.autograd_unroll(problem, steps, lr),
+        }
+        diff = cases.rel_diff(fns["ours"](), fns["higher"]())
+        samples = timing.interleaved(fns, cfg.rounds, cfg.min_time)
+        mem = {
+            name: memory.measure(
+                {"case": case, "steps": steps, "lr": lr, "problem": shape, "threads": cfg.threads, "device": cfg.device}
+            )
+            for name, case in (("ours", "unroll"), ("higher", "higher"), ("autograd", "autograd_unroll"))
+        }
+        rows[f"K={steps}"] = {
+            "time_ratio": timing.ratio(samples, lambda t: t["ours"], lambda t: t["higher"]),
+            "memory_ratio": mem["ours"] / mem["higher"],
+            "autograd_time_ratio": timing.ratio(samples, lambda t: t["autograd"], lambda t: t["higher"]),
+            "autograd_memory_ratio": mem["autograd"] / mem["higher"],
+            "rel_diff_vs_higher": diff,
+            "ms": _ms(samples),
+            "peak_mib": mem,
+        }
+    value = max(max(r["time_ratio"], r["memory_ratio"]) for r in rows.values())
+    return record(
+        value,
+        "ours / higher (worse of time and peak memory, K ∈ {5, 20})",
+        "≤ 1.0",
+        value <= 1.0,
+        problem=problems.spec(problem),
+        lr=lr,
+        steps=rows,
+    )
+
+
+# ---------------------------------------------------------------------- 4. Neumann memory
+def neumann_mem_ratio(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
+    shape = {"kind": "mlp", "widths": list(cfg.mid), "batch": cfg.batch}
+    name = problems.make("mlp", cfg.mid, 2).name
+    log(f"memory against K: {name}")
+
+    def peak(case: str, steps: int) -> float:
+        return memory.measure(
+            {
+                "case": case,
+                "steps": steps,
+                "alpha": ALPHA,
+                "lr": 0.05,
+                "problem": shape,
+                "threads": cfg.threads,
+                "device": cfg.device,
+            }
+        )
+
+    neumann = {k: peak("neumann", k) for k in (2, 100)}
+    cg = {k: peak("cg", k) for k in (2, 100)}
+    unroll = {k: peak("unroll", k) for k in cfg.unroll_mem_steps}
+    value = neumann[100] / neumann[2]
+    return record(
+        value,
+        "peak memory Neumann(K=100) / Neumann(K=2)",
+        "≤ 1.10",
+        value <= 1.10,
+        problem=name,
+        batch=cfg.batch,
+        method=memory.METHOD_CUDA if cfg.device.startswith("cuda") else memory.METHOD_CPU,
+        peak_mib={"neumann": neumann, "cg": cg, "unroll": unroll},
+        cg_ratio=cg[100] / cg[2],
+        unroll_ratio_per_step=(unroll[max(unroll)] - unroll[min(unroll)]) / (max(unroll) - min(unroll)),
+    )
+
+
+# --------------------------------------------------------------------- 5. step overhead
+def step_overhead_ratio(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
+    rows = {}
+    for widths in cfg.mlps[:2]:
+        problem = cfg.problem("mlp", widths)
+        log(f"step overhead: {problem.name}")
+        n = 10
+        fns = {
+            "bilevel_step": cases.optimizer_steps(problem, n, torchopt.adam(1e-4), bilevel.Neumann(5, ALPHA), 10**9),
+            "plain_torchopt": cases.plain_steps(problem, n, torchopt.adam(1e-4)),
+        }
+        samples = timing.interleaved(fns, cfg.rounds, cfg.min_time)
+        rows[problem.name] = {
+            "ratio": timing.ratio(samples, lambda t: t["bilevel_step"], lambda t: t["plain_torchopt"]),
+            "ms_per_step": {k: v / n for k, v in _ms(samples).items()},
+        }
+    value = max(r["ratio"] for r in rows.values())
+    return record(
+        value,
+        "BilevelOptimizer.step / plain torchopt step (worst problem)",
+        "≤ 1.05",
+        value <= 1.05,
+        inner="torchopt.adam(1e-4)",
+        problems=rows,
+    )
+
+
+# -------------------------------------------------------------------------- 6. HVP modes
+def hvp_modes(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
+    problem = cfg.problem("mlp")
+    log(f"HVP modes: {problem.name}")
+    modes = {
+        "reverse": bilevel.ReverseHVP(),
+        "forward_over_reverse": bilevel.ForwardOverReverseHVP(),
+        "finite_difference": bilevel.FiniteDifferenceHVP(),
+    }
+    fns = {k: cases.ours(problem, bilevel.Neumann(steps=K, alpha=ALPHA, hvp=m)) for k, m in modes.items()}
+    grads = {k: f() for k, f in fns.items()}
+    samples = timing.interleaved(fns, cfg.rounds, cfg.min_time)
+    ratios = {k: timing.ratio(samples, lambda t, k=k: t[k], lambda t: t["reverse"]) for k in fns}
+    return record(
+        ratios["forward_over_reverse"],
+        "time forward-over-reverse / reverse-over-reverse, Neumann(20)",
+        None,
+        None,
+        problem=problems.spec(problem),
+        ratio_to_reverse=ratios,
+        ms=_ms(samples),
+        rel_diff_to_reverse={k: cases.rel_diff(g, grads["reverse"]) for k, g in grads.items()},
+    )
+
+
+# ------------------------------------------------------------- 8. bilevel vs plain training
+def bilevel_vs_plain_training(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
+    problem = cfg.problem("mlp")
+    log(f"bilevel vs plain training: {problem.name}")
+    n = 10
+    fns = {
+        "bilevel": cases.optimizer_steps(problem, n, torchopt.adam(1e-4), bilevel.Neumann(5, ALPHA), n),
+        "plain": cases.plain_steps(problem, n, torchopt.adam(1e-4)),
+    }
+    samples = timing.interleaved(fns, cfg.rounds, cfg.min_time)
+    value = timing.ratio(samples, lambda t: t["bilevel"], lambda t: t["plain"])
+    return record(
+        value,
+        "time of 10 inner steps + 1 Neumann(5) hyperstep / 10 plain steps",
+        "a few (paper)",
+        None,
+        problem=problems.spec(problem),
+        ms=_ms(samples),
+    )
