@@ -1,4 +1,4 @@
-"""Developer tasks: `nox -s tests`, `nox -s lint`, `nox -s typecheck`."""
+"""Developer tasks: `nox -s tests`, `nox -s lint`, `nox -s typecheck`, `nox -s recipes`, `nox -s slow`."""
 
 from __future__ import annotations
 
@@ -32,6 +32,35 @@ def slow(session: nox.Session) -> None:
     """Run the slow, statistical and end-to-end checks."""
     _install(session, "test")
     session.run("pytest", "-m", "slow", *session.posargs)
+
+
+# The top-level keys each recipe's results.json must have (see the recipes' docs pages).
+RECIPES = {
+    "hypergradient_accuracy": ["steps", "cosine", "l2", "cosine_identity"],
+    "overfit_validation": ["models"],
+    "distillation": ["n_hparams", "test_acc_distilled", "test_acc_random_real", "test_acc_full_data"],
+    "validation_split": ["proportions", "global", "per_weight"],
+    "augmentation": ["val_acc", "test_acc", "peak_mem_bytes", "n_hparams"],
+    "dropout_lstm": ["val_ppl", "test_ppl", "rates", "overfit_val_loss"],
+}
+
+
+@nox.session
+def recipes(session: nox.Session) -> None:
+    """Run every recipe with --quick as a user would, and check its results.json."""
+    import json
+    import tempfile
+
+    _install(session, "recipes")
+    out_root = Path(tempfile.mkdtemp(prefix="bilevel-recipes-"))
+    for name, keys in RECIPES.items():
+        out = out_root / name
+        session.run("python", f"recipes/{name}.py", "--quick", "--device", "cpu", "--out", str(out))
+        results = json.loads((out / "results.json").read_text())
+        missing = [key for key in keys if key not in results]
+        if missing:
+            session.error(f"{name}: results.json lacks {missing}")
+        session.log(f"{name}: results.json OK, figures: {sorted(p.name for p in out.glob('*.png'))}")
 
 
 @nox.session
