@@ -62,7 +62,7 @@ class MicroBatches:
 
 def parts(batch: Any) -> tuple[Any, ...]:
     """The micro-batches of ``batch`` (a single batch is one part)."""
-    return batch.batches if isinstance(batch, MicroBatches) else (batch,)
+    return tuple(batch.batches) if isinstance(batch, MicroBatches) else (batch,)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -97,13 +97,13 @@ class _ReverseOperator(_Operator):
     def _hvp(self, v: Leaves) -> list[Tensor]:
         vjp = self._vjp
         if vjp is None:  # built lazily: Identity / Neumann(1) never need it
-            _, vjp = torch.func.vjp(lambda w: self._grad_w(w, self.h), self.w)
+            vjp = torch.func.vjp(lambda w: self._grad_w(w, self.h), self.w)[1]
             if self.retain:
                 self._vjp = vjp
         return list(vjp(v)[0])
 
     def mixed_vjp(self, x: Sequence[Tensor]) -> list[Tensor]:
-        _, vjp_h = torch.func.vjp(lambda h: self._grad_w(self.w, h), self.h)
+        vjp_h = torch.func.vjp(lambda h: self._grad_w(self.w, h), self.h)[1]
         return list(vjp_h(tuple(x))[0])
 
 
@@ -132,11 +132,11 @@ class ForwardOverReverseHVP(HVP):
 
 class _ForwardOperator(_Operator):
     def _hvp(self, v: Leaves) -> list[Tensor]:
-        _, hv = torch.func.jvp(lambda w: self._grad_w(w, self.h), (self.w,), (v,))
+        hv = torch.func.jvp(lambda w: self._grad_w(w, self.h), (self.w,), (v,))[1]
         return list(hv)
 
     def mixed_vjp(self, x: Sequence[Tensor]) -> list[Tensor]:
-        _, out = torch.func.jvp(lambda w: self._grad_h(w, self.h), (self.w,), (tuple(x),))
+        out = torch.func.jvp(lambda w: self._grad_h(w, self.h), (self.w,), (tuple(x),))[1]
         return list(out)
 
 
