@@ -64,6 +64,14 @@ def recipes(session: nox.Session) -> None:
 
 
 @nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site offline with `mkdocs build --strict` (any warning fails)."""
+    _install(session, "docs")
+    # Material prints a banner about MkDocs 2.0 on every build; it is advice, not a build warning.
+    session.run("mkdocs", "build", "--strict", *session.posargs, env={"NO_MKDOCS_2_WARNING": "1"})
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """Lint with ruff."""
     session.install("ruff")
