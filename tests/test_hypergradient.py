@@ -336,3 +336,17 @@ def test_public_api_is_documented():
     for name in set(bilevel.__all__) - {"Strategy"}:  # a type alias carries no __doc__ of its own
         obj = getattr(bilevel, name)
         assert obj.__doc__ and len(obj.__doc__.strip()) > 40, name
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [bilevel.Neumann(3, 0.2), bilevel.ConjugateGradient(5), bilevel.Exact(), bilevel.Unroll(3, torchopt.sgd(0.2))],
+    ids=["neumann", "cg", "exact", "unroll"],
+)
+def test_works_inside_no_grad(strategy):
+    """Users often evaluate in torch.no_grad(); the hypergradient must not silently change or fail."""
+    problem = Ridge.make(direct=0.2)
+    expected, _ = run(problem, strategy)
+    with torch.no_grad():
+        got, _ = run(problem, strategy)
+    torch.testing.assert_close(Ridge.flat(got), Ridge.flat(expected), atol=0, rtol=0)
