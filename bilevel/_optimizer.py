@@ -34,7 +34,23 @@ _STATE_VERSION = 1
 
 
 class NonFiniteError(FloatingPointError):
-    """Raised in ``strict`` mode when an update would write NaN/Inf; the state is left unchanged."""
+    """Raised in ``strict`` mode when an update would write NaN/Inf; the state is left unchanged.
+
+    Weights, hyperparameters and both optimiser states keep their values from before the failing
+    call; only the step counters record the attempt.
+
+    Example:
+        >>> import torch, bilevel
+        >>> def loss(p, h, b):
+        ...     return ((p["w"] - b) ** 2).sum() + (h["log_decay"].exp() * p["w"] ** 2).sum()
+        >>> opt = bilevel.BilevelOptimizer(loss, loss, {"w": torch.zeros(2)},
+        ...                                {"log_decay": torch.zeros(2)}, strict=True)
+        >>> try:
+        ...     opt.step(torch.tensor([1.0, float("nan")]), torch.ones(2))
+        ... except bilevel.NonFiniteError:
+        ...     print("skipped; weights still", opt.params["w"].tolist())
+        skipped; weights still [0.0, 0.0]
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +65,18 @@ class StepResult:
         hyper: the hyperstep's [`HypergradInfo`][bilevel.HypergradInfo] when one happened on this
             call, else None.
         outer_applied: whether the hyperstep's update was applied (None if no hyperstep).
+
+    Example:
+        >>> import torch, torchopt, bilevel
+        >>> def loss(p, h, b):
+        ...     return ((p["w"] - b) ** 2).sum() + (h["log_decay"].exp() * p["w"] ** 2).sum()
+        >>> opt = bilevel.BilevelOptimizer(loss, loss, {"w": torch.zeros(2)},
+        ...     {"log_decay": torch.zeros(2)}, inner=torchopt.sgd(0.1), inner_steps=2)
+        >>> first, second = (opt.step(torch.ones(2), torch.ones(2)) for _ in range(2))
+        >>> float(first.loss), bool(first.inner_applied), first.hyper
+        (2.0, True, None)
+        >>> second.hyper.strategy, second.outer_applied
+        ('neumann', True)
     """
 
     loss: Tensor
