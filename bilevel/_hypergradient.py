@@ -58,6 +58,18 @@ class HypergradInfo:
         alpha: the Neumann step size used (resolved when ``alpha="auto"``).
         lambda_max: the power-iteration estimate of the Hessian's spectral radius
             (``alpha="auto"`` only).
+
+    Example:
+        >>> import torch, bilevel
+        >>> def train_loss(p, h, b):
+        ...     return ((p["w"] - b) ** 2).sum() + (h["log_decay"].exp() * p["w"] ** 2).sum()
+        >>> def val_loss(p, h, b):
+        ...     return ((p["w"] - b) ** 2).sum()
+        >>> params = {"w": torch.full((2,), 0.5)}  # w* = b / (1 + e^λ) at λ = 0, where H = 4I
+        >>> _, info = bilevel.hypergradient(train_loss, val_loss, params, {"log_decay": torch.zeros(2)},
+        ...     torch.ones(2), torch.ones(2), strategy=bilevel.ConjugateGradient(maxiter=10))
+        >>> info.strategy, info.hvps, info.iterations, info.converged, float(info.val_loss)
+        ('cg', 1, 1, True, 0.5)
     """
 
     strategy: str
