@@ -1,0 +1,521 @@
+"""Learn a data-augmentation network whose every weight is a hyperparameter (Section 5.4, Table 3, Fig 7).
+
+An augmentation network x̃ = f_λ(x, ε) — a small U-Net that sees the image plus one channel of
+N(0, 1) noise ε, with a residual connection from input to output and a zero-initialised last
+layer, so it starts as the identity — produces every example a classifier (a small ResNet) is
+trained on. All U-Net weights λ are hyperparameters, tuned by BilevelOptimizer on the
+validation loss of the classifier evaluated on clean validation images:
+
+    L_T(w, λ) = CE(net_w(f_λ(x, ε)), y),        L_V(w) = CE(net_w(x_val), y_val).
+
+Because L_V does not involve λ, the hypergradient is all "indirect" — it reaches λ only through
+the mixed term (∂²L_T/∂w∂λ)ᵀ H⁻¹ ∂L_V/∂w (or through the unrolled inner updates).
+
+The noise makes L_T random. Here ε is drawn from an explicit ``torch.Generator`` and carried *in
+the batch* (x, y, ε), so L_T is a deterministic function of (w, λ, batch): the HVPs and mixed
+products of a hyperstep, and the unrolled updates that Unroll replays, all see the same ε, and a
+resumed run is bitwise identical.
+
+Compared, as in Table 3, with identical seeds over several restarts: no hyperparameter
+optimisation (the identity augmentation), ``Identity`` (T1 − T2), ``Neumann`` with 3 terms and
+``Unroll`` through the last 3 inner updates. Reported: validation and test accuracy (mean ± std),
+and the peak memory of one Neumann vs one unrolled hyperstep. On CUDA that is
+``torch.cuda.max_memory_allocated`` above the memory allocated before the step. On CPU it is
+measured in a fresh subprocess started with ``MALLOC_MMAP_THRESHOLD_=65536`` (so glibc returns
+large freed blocks to the OS and resident memory follows live tensor memory): the growth of peak
+resident memory (``ru_maxrss``) during one ``step()`` call that performs a hyperstep, above the
+resident memory just before it. It is a measurement of the process, so it varies slightly
+between runs and is not part of the resume guarantee.
+
+Data: scikit-learn's 8×8 digits by default; ``--dataset cifar10 --data-dir DIR`` (python pickle
+batches) or ``--dataset mnist`` read real files. Nothing is downloaded.
+
+``--checkpoint PATH`` saves the BilevelOptimizer state, generator and torch RNG states, loop
+counters and all results so far every ``--checkpoint-every`` hyper-periods (``--inner-steps``
+inner steps each); rerunning with the same flags resumes and ends with the same numbers.
+
+Run:  python recipes/augmentation.py [--quick] [--device cuda] [--dataset cifar10 --data-dir DIR]
+Writes ``results.json``, ``samples.png`` (Fig 7) and ``accuracy.png`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+import torchopt
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import recipe_common as common
+import recipe_data
+
+import bilevel
+
+NAME = "augmentation"
+METHODS = ("no_ho", "identity", "neumann3", "unroll3")
+
+
+# ------------------------------------------------------------------------------ configuration
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = common.base_parser(NAME, "Learn a data-augmentation U-Net by implicit differentiation (Table 3, Fig 7).")
+    p.add_argument("--dataset", default="digits", choices=["digits", "mnist", "cifar10"], help="image data")
+    p.add_argument("--data-dir", type=Path, default=None, help="directory with MNIST IDX or CIFAR-10 pickle files")
+    p.add_argument("--restarts", type=int, default=None, help="random restarts per method")
+    p.add_argument("--steps", type=int, default=None, help="inner (classifier) steps per run")
+    p.add_argument("--inner-steps", type=int, default=5, help="inner steps per hyperstep (N, >= 3 for Unroll(3))")
+    p.add_argument("--width", type=int, default=None, help="channels of the first U-Net / ResNet stage")
+    p.add_argument("--n-train", type=int, default=None, help="training examples (the rest of train is validation)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="save/resume file")
+    p.add_argument("--checkpoint-every", type=int, default=10, help="hyper-periods between checkpoint saves")
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
+    p.add_argument("--measure-memory", default=None, choices=["neumann3", "unroll3"], help=argparse.SUPPRESS)
+    return p
+
+
+def config(args: argparse.Namespace) -> dict[str, Any]:
+    quick = args.quick
+    cfg = {
+        "restarts": _given(args.restarts, 2 if quick else 4),
+        "steps": _given(args.steps, 30 if quick else 600),
+        "inner_steps": args.inner_steps,
+        "width": _given(args.width, 4 if quick else 12),
+        "n_train": _given(args.n_train, 200 if quick else 500),
+        "n_val": 100 if quick else 300,
+        "batch": 32 if quick else 64,
+        "lr": 2e-3,
+        "hlr": 3e-3,
+        "alpha": 1e-2,  # Neumann / Identity step size (≈ 1/λ_max of the training Hessian; see docs)
+        "checkpoint_every": args.checkpoint_every,
+    }
+    for key in ("restarts", "steps", "inner_steps", "width", "n_train", "checkpoint_every"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ValueError(f"`--{key.replace('_', '-')} {cfg[key]}`: must be an integer >= 1.")
+    if cfg["inner_steps"] < 3:
+        raise ValueError(f"`--inner-steps {cfg['inner_steps']}`: Unroll(3) needs >= 3 inner steps per hyperstep.")
+    if cfg["steps"] < cfg["inner_steps"]:
+        raise ValueError(f"`--steps {cfg['steps']}` must be >= `--inner-steps {cfg['inner_steps']}`.")
+    if args.stop_after is not None and (args.stop_after < 1 or args.checkpoint is None):
+        raise ValueError(f"`--stop-after {args.stop_after}`: must be an integer >= 1 and needs --checkpoint.")
+    if args.dataset != "digits" and args.data_dir is None:
+        raise ValueError(f"`--dataset {args.dataset}` reads files from disk: pass --data-dir pointing at your copy.")
+    return cfg
+
+
+def _given(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+# -------------------------------------------------------------------------------------- models
+
+
+def _conv(c_out: int, c_in: int, k: int = 3, zero: bool = False) -> tuple[Tensor, Tensor]:
+    bound = 1.0 / math.sqrt(c_in * k * k)
+    w = torch.zeros(c_out, c_in, k, k) if zero else torch.empty(c_out, c_in, k, k).uniform_(-bound, bound)
+    return w, torch.zeros(c_out)
+
+
+def init_unet(channels: int, width: int) -> dict[str, Tensor]:
+    """Two-level U-Net on image + 1 noise channel; the output convolution starts at zero (identity)."""
+    c = width
+    p = {}
+    for name, shape in (
+        ("enc1", (c, channels + 1)),
+        ("enc2", (2 * c, c)),
+        ("mid", (2 * c, 2 * c)),
+        ("dec1", (c, 3 * c)),
+    ):
+        p[f"{name}.w"], p[f"{name}.b"] = _conv(*shape)
+    p["out.w"], p["out.b"] = _conv(channels, c, zero=True)
+    return p
+
+
+def augment(lam: dict[str, Tensor], x: Tensor, eps: Tensor) -> Tensor:
+    """x̃ = x + U-Net([x, ε]); the skip from enc1 to dec1 is the U-Net's, the x + … residual the paper's."""
+    h1 = F.relu(F.conv2d(torch.cat([x, eps], 1), lam["enc1.w"], lam["enc1.b"], padding=1))
+    h2 = F.relu(F.conv2d(F.avg_pool2d(h1, 2), lam["enc2.w"], lam["enc2.b"], padding=1))
+    h2 = F.relu(F.conv2d(h2, lam["mid.w"], lam["mid.b"], padding=1))
+    up = F.interpolate(h2, scale_factor=2.0, mode="nearest")
+    h3 = F.relu(F.conv2d(torch.cat([up, h1], 1), lam["dec1.w"], lam["dec1.b"], padding=1))
+    return x + F.conv2d(h3, lam["out.w"], lam["out.b"], padding=1)
+
+
+def init_resnet(channels: int, width: int, classes: int = 10) -> dict[str, Tensor]:
+    """A small pre-BN-free ResNet: stem, one residual block at `width`, one strided block at 2·width."""
+    c = width
+    p = {}
+    for name, shape in (
+        ("stem", (c, channels)),
+        ("b1a", (c, c)),
+        ("b1b", (c, c)),
+        ("b2a", (2 * c, c)),
+        ("b2b", (2 * c, 2 * c)),
+    ):
+        p[f"{name}.w"], p[f"{name}.b"] = _conv(*shape)
+    p["b2s.w"], p["b2s.b"] = _conv(2 * c, c, k=1)
+    p["b1b.w"] *= 0.1  # damp the residual branches at init (no batch norm here)
+    p["b2b.w"] *= 0.1
+    bound = 1.0 / math.sqrt(2 * c)
+    p["fc.w"] = torch.empty(classes, 2 * c).uniform_(-bound, bound)
+    p["fc.b"] = torch.zeros(classes)
+    return p
+
+
+def classify(w: dict[str, Tensor], x: Tensor) -> Tensor:
+    h = F.relu(F.conv2d(x, w["stem.w"], w["stem.b"], padding=1))
+    r = F.relu(F.conv2d(h, w["b1a.w"], w["b1a.b"], padding=1))
+    h = F.relu(h + F.conv2d(r, w["b1b.w"], w["b1b.b"], padding=1))
+    r = F.relu(F.conv2d(h, w["b2a.w"], w["b2a.b"], padding=1, stride=2))
+    h = F.relu(F.conv2d(h, w["b2s.w"], w["b2s.b"], stride=2) + F.conv2d(r, w["b2b.w"], w["b2b.b"], padding=1))
+    return h.mean((2, 3)) @ w["fc.w"].T + w["fc.b"]
+
+
+def train_loss(w: dict, lam: dict, batch: tuple) -> Tensor:
+    """Cross-entropy of the classifier on augmented examples; ε comes with the batch."""
+    x, y, eps = batch
+    return F.cross_entropy(classify(w, augment(lam, x, eps)), y)
+
+
+def val_loss(w: dict, lam: dict, batch: tuple) -> Tensor:
+    """Cross-entropy on clean validation images (λ enters only through w)."""
+    x, y = batch
+    return F.cross_entropy(classify(w, x), y)
+
+
+def strategy_for(method: str, alpha: float) -> bilevel.Strategy:
+    if method == "identity":
+        return bilevel.Identity(alpha=alpha)
+    if method == "unroll3":
+        # BilevelOptimizer differentiates through its own last 3 inner (Adam) updates;
+        # Unroll.optimizer is only used by the functional hypergradient().
+        return bilevel.Unroll(steps=3, optimizer=torchopt.sgd(alpha))
+    return bilevel.Neumann(steps=3, alpha=alpha)
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def load_data(args: argparse.Namespace, cfg: dict) -> dict[str, Tensor]:
+    """Fixed (seeded) train / validation split of the training set, plus the test set."""
+    x, y, test_x, test_y = recipe_data.load_images(args.dataset, args.data_dir)
+    dtype = torch.get_default_dtype()  # the loaders give float32; follow the models' dtype
+    x, test_x = x.to(dtype), test_x.to(dtype)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))
+    n_train, n_val = cfg["n_train"], cfg["n_val"]
+    if n_train + n_val > len(x):
+        raise ValueError(f"`--n-train {n_train}` + {n_val} validation examples exceed the {len(x)} available.")
+    tr, va = perm[:n_train], perm[n_train : n_train + n_val]
+    return {"x": x[tr], "y": y[tr], "val_x": x[va], "val_y": y[va], "test_x": test_x, "test_y": test_y}
+
+
+def next_batch(data: dict, cfg: dict, gen: torch.Generator, device: str) -> tuple[Tensor, Tensor, Tensor]:
+    idx = torch.randint(0, len(data["x"]), (cfg["batch"],), generator=gen)
+    x = data["x"][idx]
+    eps = torch.randn(x.shape[0], 1, *x.shape[2:], generator=gen)
+    return x.to(device), data["y"][idx].to(device), eps.to(device)
+
+
+def val_batch(data: dict, cfg: dict, gen: torch.Generator, device: str) -> tuple[Tensor, Tensor]:
+    idx = torch.randint(0, len(data["val_x"]), (cfg["batch"],), generator=gen)
+    return data["val_x"][idx].to(device), data["val_y"][idx].to(device)
+
+
+@torch.no_grad()
+def accuracy(w: dict, x: Tensor, y: Tensor, device: str) -> float:
+    correct = 0
+    for i in range(0, len(x), 512):
+        correct += int((classify(w, x[i : i + 512].to(device)).argmax(1) == y[i : i + 512].to(device)).sum())
+    return correct / len(x)
+
+
+# -------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path | None, state: dict) -> None:
+    """torch.save to a temporary file, then an atomic os.replace (a kill never leaves half a file)."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path | None, fingerprint: dict) -> dict | None:
+    if path is None or not path.exists():
+        return None
+    state = torch.load(path, weights_only=False)
+    if state.get("fingerprint") != fingerprint:
+        raise ValueError(
+            f"`--checkpoint {path}` was written by a run with different flags ({state.get('fingerprint')}); "
+            f"use the same flags to resume, or another path."
+        )
+    return state
+
+
+class Stop(Exception):
+    """Raised by --stop-after K after K hyper-periods, simulating a kill (tests of --checkpoint)."""
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def build(method: str, data: dict, cfg: dict, run_seed: int, device: str) -> bilevel.BilevelOptimizer:
+    torch.manual_seed(run_seed)  # same classifier and U-Net initialisation for every method
+    channels = data["x"].shape[1]
+    w = {k: v.to(device) for k, v in init_resnet(channels, 2 * cfg["width"]).items()}
+    lam = {k: v.to(device) for k, v in init_unet(channels, cfg["width"]).items()}
+    return bilevel.BilevelOptimizer(
+        train_loss,
+        val_loss,
+        w,
+        lam,
+        inner=torchopt.adam(cfg["lr"], eps_root=1e-10),  # eps_root: finite derivatives of √v at v = 0 (Unroll)
+        outer=torchopt.adam(cfg["hlr"]),
+        strategy=strategy_for(method, cfg["alpha"]),
+        inner_steps=cfg["inner_steps"],
+    )
+
+
+def run(method: str, restart: int, data: dict, cfg: dict, args: argparse.Namespace, ckpt: dict, track: Any) -> dict:
+    """Train one classifier (and, unless no_ho, its augmentation); return accuracies and final λ."""
+    device = args.device
+    run_seed = args.seed + 1000 * restart
+    opt = build(method, data, cfg, run_seed, device)
+    gen = torch.Generator().manual_seed(run_seed + 1)  # data order and augmentation noise
+    current = ckpt.get("current")
+    if current is not None and current["key"] == f"{method}/{restart}":
+        opt.load_state_dict(current["opt"])
+        gen.set_state(current["gen"])
+        torch.set_rng_state(current["torch_rng"])
+    N = cfg["inner_steps"]
+    while opt.steps < cfg["steps"]:
+        for _ in range(N):
+            batch = next_batch(data, cfg, gen, device)
+            if method == "no_ho":
+                loss = opt.inner_step(batch)
+                continue
+            vb = val_batch(data, cfg, gen, device) if (opt.steps + 1) % N == 0 else None
+            loss = opt.step(batch, vb).loss
+        ckpt["periods"] += 1
+        track(f"{method}#{restart}", float(loss))
+        stopping = args.stop_after is not None and ckpt["periods"] >= args.stop_after
+        if ckpt["path"] is not None and (ckpt["periods"] % cfg["checkpoint_every"] == 0):
+            ckpt["current"] = {
+                "key": f"{method}/{restart}",
+                "opt": opt.state_dict(),
+                "gen": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+            }
+            save_checkpoint(ckpt["path"], _persist(ckpt))
+        if stopping:  # like a kill: whatever was not checkpointed is lost
+            raise Stop
+    w = opt.params
+    return {
+        "val_acc": accuracy(w, data["val_x"], data["val_y"], device),
+        "test_acc": accuracy(w, data["test_x"], data["test_y"], device),
+        "hparams": {k: v.detach().cpu() for k, v in opt.hparams.items()},
+    }
+
+
+def _persist(ckpt: dict) -> dict:
+    return {k: ckpt[k] for k in ("fingerprint", "periods", "done", "current")}
+
+
+# -------------------------------------------------------------------------------------- memory
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure_here(method: str, data: dict, cfg: dict, args: argparse.Namespace) -> int:
+    """Peak extra memory of one step() call that performs a hyperstep (see the module docstring)."""
+    device = args.device
+    opt = build(method, data, cfg, args.seed, device)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    for _ in range(2 * cfg["inner_steps"] - 1):  # one full hyper-period first, for warm allocator caches
+        opt.step(next_batch(data, cfg, gen, device), val_batch(data, cfg, gen, device))
+    tb, vb = next_batch(data, cfg, gen, device), val_batch(data, cfg, gen, device)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        opt.step(tb, vb)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    before = _rss_bytes()
+    opt.step(tb, vb)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before  # Linux reports KiB
+
+
+def measure_memory(method: str, argv: list[str], args: argparse.Namespace, data: dict, cfg: dict) -> int:
+    if torch.device(args.device).type == "cuda":
+        return measure_here(method, data, cfg, args)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    package_root = str(Path(bilevel.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--measure-memory", method]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory measurement subprocess failed:\n{out.stderr[-2000:]}")
+    return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_mem_bytes"])
+
+
+def _clean_argv(argv: list[str]) -> list[str]:
+    """The user's flags minus the checkpoint/stop/out ones (the memory subprocess needs none of them)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--checkpoint", "--stop-after", "--out", "--checkpoint-every"):
+            skip = True
+            continue
+        if a.split("=")[0] in ("--checkpoint", "--stop-after", "--out", "--checkpoint-every"):
+            continue
+        out.append(a)
+    return out
+
+
+# ------------------------------------------------------------------------------------- figures
+
+
+@torch.no_grad()
+def plot(done: dict, data: dict, cfg: dict, out: Path, restarts: int) -> list[Path]:
+    lam = done["neumann3/0"]["hparams"]
+    x = data["val_x"][:6]
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([augment(lam, x, torch.randn(len(x), 1, *x.shape[2:], generator=gen)) for _ in range(64)])
+    std = draws.std(0)
+    fig, axes = plt.subplots(len(x), 4, figsize=(5.2, 1.3 * len(x)))
+    show = (lambda t: t[0]) if x.shape[1] == 1 else (lambda t: t.permute(1, 2, 0).clamp(0, 1))
+    for i in range(len(x)):
+        panels = [(x[i], "original"), (draws[0, i], "sample 1"), (draws[1, i], "sample 2"), (std[i], "pixel std")]
+        for j, (img, title) in enumerate(panels):
+            ax = axes[i, j]
+            if j == 3:
+                ax.imshow(img.mean(0), cmap="magma")
+            else:
+                ax.imshow(show(img), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(title, fontsize=8)
+    fig.suptitle("Fig 7: learned augmentation (Neumann 3, restart 0)", fontsize=9)
+    fig.tight_layout()
+    samples = out / "samples.png"
+    fig.savefig(samples, dpi=90)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for k, key in enumerate(("val_acc", "test_acc")):
+        means = [sum(done[f"{m}/{r}"][key] for r in range(restarts)) / restarts for m in METHODS]
+        errs = [_std([done[f"{m}/{r}"][key] for r in range(restarts)]) for m in METHODS]
+        ax.bar([i + 0.38 * k for i in range(len(METHODS))], means, 0.38, yerr=errs, label=key)
+    lo = min(done[f"{m}/{r}"][k] for m in METHODS for r in range(restarts) for k in ("val_acc", "test_acc"))
+    ax.set_ylim(max(0.0, lo - 0.05), 1.0)
+    ax.set_xticks([i + 0.19 for i in range(len(METHODS))], METHODS)
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8)
+    ax.set_title(f"Table 3: mean ± std over {restarts} restarts", fontsize=9)
+    fig.tight_layout()
+    acc = out / "accuracy.png"
+    fig.savefig(acc, dpi=90)
+    plt.close(fig)
+    return [samples, acc]
+
+
+def _std(xs: list[float]) -> float:
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1))
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    cfg = config(args)
+    data = load_data(args, cfg)
+    if args.measure_memory is not None:  # child process of measure_memory()
+        peak = measure_here(args.measure_memory, data, cfg, args)
+        print(json.dumps({"peak_mem_bytes": peak}))
+        return {"peak_mem_bytes": peak}
+
+    fingerprint = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    for key in ("checkpoint", "stop_after", "out", "checkpoint_every", "measure_memory"):
+        fingerprint.pop(key)
+    ckpt: dict[str, Any] = {"fingerprint": fingerprint, "periods": 0, "done": {}, "current": None}
+    loaded = load_checkpoint(args.checkpoint, fingerprint)
+    if loaded is not None:
+        ckpt.update(loaded)
+    ckpt["path"] = args.checkpoint
+    R = cfg["restarts"]
+    per_run = math.ceil(cfg["steps"] / cfg["inner_steps"])
+    start = time.perf_counter()
+    with common.progress(f"{NAME} ({args.dataset})", total=per_run * R * len(METHODS)) as update:
+        update(advance=ckpt["periods"])
+        try:
+            for restart in range(R):
+                for method in METHODS:
+                    key = f"{method}/{restart}"
+                    if key in ckpt["done"]:
+                        continue
+                    ckpt["done"][key] = run(
+                        method, restart, data, cfg, args, ckpt, lambda run, loss: update(run=run, loss=loss)
+                    )
+                    ckpt["current"] = None
+                    save_checkpoint(args.checkpoint, _persist(ckpt))
+        except Stop:
+            return {"stopped_after": ckpt["periods"]}
+    if "memory" not in ckpt["done"]:
+        ckpt["done"]["memory"] = {
+            m: measure_memory(m, _clean_argv(argv), args, data, cfg) for m in ("neumann3", "unroll3")
+        }
+        save_checkpoint(args.checkpoint, _persist(ckpt))
+    done = ckpt["done"]
+    n_hparams = sum(v.numel() for v in done["neumann3/0"]["hparams"].values())
+    results = {
+        "val_acc": {m: [done[f"{m}/{r}"]["val_acc"] for r in range(R)] for m in METHODS},
+        "test_acc": {m: [done[f"{m}/{r}"]["test_acc"] for r in range(R)] for m in METHODS},
+        "peak_mem_bytes": done["memory"],
+        "n_hparams": n_hparams,
+    }
+    common.write_results(args.out, results)
+    plot(done, data, cfg, args.out, R)
+    print(f"{NAME}: {n_hparams} hyperparameters, {R} restarts, {time.perf_counter() - start:.0f}s")
+    for m in METHODS:
+        va, te = results["val_acc"][m], results["test_acc"][m]
+        print(
+            f"  {m:>9}: val {100 * sum(va) / R:.2f} ± {100 * _std(va):.2f}   test {100 * sum(te) / R:.2f} ± "
+            f"{100 * _std(te):.2f}"
+        )
+    mem = results["peak_mem_bytes"]
+    print(
+        f"  peak memory of a hyperstep: neumann3 {mem['neumann3'] / 2**20:.2f} MiB, "
+        f"unroll3 {mem['unroll3'] / 2**20:.2f} MiB"
+    )
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""Recipes II: learned augmentation (5.4) and LSTM regularisation tuning (5.5).
+
+Quick modes end to end (exact results.json keys, honest qualitative checks), checkpoint resume
+giving identical numbers, the LSTM's second derivatives against finite differences, the text
+loaders on tiny files written here in PTB format, and clear errors for bad flags.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+
+
+def _load(name: str):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, RECIPES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+text_data = _load("text_data")
+augmentation = _load("augmentation")
+dropout_lstm = _load("dropout_lstm")
+
+import bilevel  # noqa: E402
+
+# ------------------------------------------------------------------------------- text data
+
+
+def test_pydoc_corpus_split_sizes():
+    tokens = text_data.pydoc_tokens()
+    assert len(tokens) > 60_000 and tokens[-1] == text_data.EOS
+    train, val, test = text_data.split_tokens(tokens)
+    n = len(tokens)
+    assert (len(train), len(val)) == (int(0.8 * n), int(0.1 * n))
+    assert len(train) + len(val) + len(test) == n
+    assert train + val + test == tokens  # contiguous, nothing dropped or reordered
+    train_ids, val_ids, test_ids, vocab = text_data.load_corpus("pydoc")
+    assert (len(train_ids), len(val_ids), len(test_ids)) == (len(train), len(val), len(test))
+    assert int(train_ids.max()) < len(vocab) and vocab.itos[:2] == [text_data.EOS, text_data.UNK]
+    counts = {t: train.count(t) for t in ("the", "object")}
+    assert all(vocab.stoi[t] > 1 for t in counts)  # frequent words kept
+    assert "N" in vocab.stoi  # digit runs normalised as in PTB
+
+
+def _write_ptb(directory: Path) -> dict[str, list[str]]:
+    lines = {
+        "train": ["the cat sat on the mat", "a dog <unk> the N cats", "", "the end"],
+        "valid": ["the dog sat", "zebra on the mat"],
+        "test": ["a cat", "the mat sat on a dog"],
+    }
+    for split, text in lines.items():
+        (directory / f"ptb.{split}.txt").write_text("".join(f" {line} \n" for line in text))
+    return lines
+
+
+def test_ptb_loader_on_tiny_files(tmp_path):
+    lines = _write_ptb(tmp_path)
+    train, valid, test = text_data.load_ptb(tmp_path)
+    expected = [w for line in lines["train"] if line for w in [*line.split(), "<eos>"]]
+    assert train == expected  # words + <eos> per non-empty line
+    assert valid[-1] == "<eos>" and valid.count("<eos>") == 2
+    train_ids, val_ids, test_ids, vocab = text_data.load_corpus("ptb", tmp_path)
+    assert vocab.decode(train_ids.tolist()) == train
+    assert vocab.decode(test_ids.tolist()) == test
+    assert vocab.decode(val_ids.tolist()) == [w if w != "zebra" else "<unk>" for w in valid]
+    (tmp_path / "ptb.test.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="--data-dir"):
+        text_data.load_ptb(tmp_path)
+    (tmp_path / "ptb.test.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="no tokens"):
+        text_data.load_ptb(tmp_path)
+
+
+def test_batchify_and_bad_arguments():
+    ids = torch.arange(23)
+    rows = text_data.batchify(ids, 4)
+    assert rows.shape == (4, 5) and rows[1, 0] == 5 and rows.flatten().tolist() == list(range(20))
+    with pytest.raises(ValueError, match="batch_size"):
+        text_data.batchify(ids, 0)
+    with pytest.raises(ValueError, match="too few"):
+        text_data.batchify(ids, 20)
+    with pytest.raises(ValueError, match="1-D"):
+        text_data.batchify(ids.reshape(1, -1), 2)
+    with pytest.raises(ValueError, match="unknown corpus"):
+        text_data.load_corpus("wikitext")
+    with pytest.raises(ValueError, match="--data-dir"):
+        text_data.load_corpus("ptb")
+    with pytest.raises(ValueError, match="min_count"):
+        text_data.Vocabulary(["a"], min_count=0)
+
+
+# ------------------------------------------------------------------------- model pieces
+
+
+def test_augmentation_starts_as_identity():
+    lam = augmentation.init_unet(channels=3, width=4)
+    x, eps = torch.rand(5, 3, 8, 8), torch.randn(5, 1, 8, 8)
+    assert torch.equal(augmentation.augment(lam, x, eps), x)
+    lam["out.w"] = lam["out.w"] + 0.1  # away from zero the noise reaches the output
+    other = augmentation.augment(lam, x, torch.randn(5, 1, 8, 8))
+    assert not torch.allclose(augmentation.augment(lam, x, eps), other)
+
+
+def test_concrete_mask_rate_and_scale():
+    u = torch.rand(200_000, generator=torch.Generator().manual_seed(0))
+    for p in (0.1, 0.5, 0.8):
+        mask = dropout_lstm.concrete_mask(torch.tensor(math.log(p / (1 - p))), u)
+        dropped = (mask * (1 - p) < 0.5).double().mean()  # the relaxed indicator 1 − z below 1/2
+        assert abs(float(dropped) - p) < 0.01  # P(z > 1/2) = p exactly for the relaxed Bernoulli
+        assert abs(float(mask.mean()) - 1.0) < 0.05  # inverted-dropout scaling keeps the mean
+
+
+def test_lstm_double_backward_matches_finite_differences():
+    """Reverse-over-reverse through the cell loop = first-derivative finite differences (float64)."""
+    args = dropout_lstm.build_parser().parse_args(["--quick", "--embed", "5", "--hidden", "6"])
+    cfg = dropout_lstm.config(args)
+    torch.manual_seed(0)
+    params = dropout_lstm.init_params(11, cfg, "cpu")
+    hparams = dropout_lstm.init_hparams(params, cfg, many="per-weight", weight_decay=True)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 11, (200,), generator=gen)
+    x, y = dropout_lstm.windows(ids, 3, 7, gen)
+    ref = params["embed"]
+    tb = dropout_lstm.to_device((x, y, dropout_lstm.draw_noise(params, 3, gen)), ref)
+    vb = dropout_lstm.to_device(dropout_lstm.windows(ids, 3, 7, gen), ref)
+    grads = {}
+    for name, hvp in (("reverse", bilevel.ReverseHVP()), ("fd", bilevel.FiniteDifferenceHVP())):
+        strategy = bilevel.ConjugateGradient(maxiter=5, damping=1.0, hvp=hvp)
+        grads[name], _ = bilevel.hypergradient(
+            dropout_lstm.train_loss, dropout_lstm.val_loss, params, hparams, tb, vb, strategy
+        )
+    flat = {k: torch.cat([t.reshape(-1) for t in bilevel_leaves(v)]) for k, v in grads.items()}
+    assert flat["reverse"].abs().max() > 1e-6  # the rates do reach the validation loss
+    torch.testing.assert_close(flat["fd"], flat["reverse"], rtol=1e-5, atol=1e-8)
+
+
+def bilevel_leaves(tree):
+    return dropout_lstm._leaves(tree)
+
+
+# ------------------------------------------------------------------ quick runs and resume
+
+AUG_FLAGS = ["--quick", "--device", "cpu", "--restarts", "2", "--steps", "40"]
+LSTM_FLAGS = ["--quick", "--device", "cpu", "--steps", "40"]
+
+
+@pytest.fixture(scope="module")
+def aug_runs(tmp_path_factory):
+    torch.set_default_dtype(torch.float32)
+    base = tmp_path_factory.mktemp("aug")
+    full = augmentation.main([*AUG_FLAGS, "--out", str(base / "full"), "--checkpoint", str(base / "a.pt")])
+    stopped = augmentation.main(
+        [*AUG_FLAGS, "--out", str(base / "res"), "--checkpoint", str(base / "b.pt"), "--stop-after", "11"]
+    )
+    resumed = augmentation.main([*AUG_FLAGS, "--out", str(base / "res"), "--checkpoint", str(base / "b.pt")])
+    ckpt = torch.load(base / "a.pt", weights_only=False)
+    return base, full, stopped, resumed, ckpt
+
+
+def test_augmentation_quick(aug_runs):
+    base, _, _, _, ckpt = aug_runs
+    on_disk = json.loads((base / "full" / "results.json").read_text())
+    assert set(on_disk) == {"val_acc", "test_acc", "peak_mem_bytes", "n_hparams"}
+    for key in ("val_acc", "test_acc"):
+        assert set(on_disk[key]) == {"no_ho", "identity", "neumann3", "unroll3"}
+        for accs in on_disk[key].values():
+            assert len(accs) == 2 and all(0.2 < a <= 1.0 for a in accs)  # well above chance (0.1)
+    assert set(on_disk["peak_mem_bytes"]) == {"neumann3", "unroll3"}
+    assert all(isinstance(v, int) and v > 0 for v in on_disk["peak_mem_bytes"].values())
+    lam0 = augmentation.init_unet(1, 4)
+    assert on_disk["n_hparams"] == sum(v.numel() for v in lam0.values())
+    # tuned runs moved the augmentation away from the identity; no_ho did not touch it
+    for method in ("identity", "neumann3", "unroll3"):
+        assert ckpt["done"][f"{method}/0"]["hparams"]["out.w"].abs().max() > 0
+    assert torch.equal(ckpt["done"]["no_ho/0"]["hparams"]["out.w"], lam0["out.w"])
+    assert (base / "full" / "samples.png").stat().st_size > 0 and (base / "full" / "accuracy.png").exists()
+
+
+def test_augmentation_resume_is_exact(aug_runs):
+    _, full, stopped, resumed, _ = aug_runs
+    assert stopped == {"stopped_after": 11}  # killed in the second of eight runs, 1 period after its last save
+    for key in ("val_acc", "test_acc", "n_hparams"):
+        assert resumed[key] == full[key]
+
+
+@pytest.fixture(scope="module")
+def lstm_runs(tmp_path_factory):
+    torch.set_default_dtype(torch.float32)
+    base = tmp_path_factory.mktemp("lstm")
+    full = dropout_lstm.main([*LSTM_FLAGS, "--out", str(base / "full"), "--checkpoint", str(base / "a.pt")])
+    stopped = dropout_lstm.main(
+        [*LSTM_FLAGS, "--out", str(base / "res"), "--checkpoint", str(base / "b.pt"), "--stop-after", "6"]
+    )
+    resumed = dropout_lstm.main([*LSTM_FLAGS, "--out", str(base / "res"), "--checkpoint", str(base / "b.pt")])
+    return base, full, stopped, resumed
+
+
+def test_dropout_lstm_quick(lstm_runs):
+    base, _, _, _ = lstm_runs
+    on_disk = json.loads((base / "full" / "results.json").read_text())
+    assert set(on_disk) == {"val_ppl", "test_ppl", "rates", "overfit_val_loss"}
+    for key in ("val_ppl", "test_ppl"):
+        assert set(on_disk[key]) == {"no_ho", "tuned", "tuned_many"}
+        _, _, _, vocab = text_data.load_corpus("pydoc")
+        assert all(1.0 < v < len(vocab) / 2 for v in on_disk[key].values())  # far better than uniform
+    assert set(on_disk["rates"]) == {"tuned", "tuned_many"}
+    for traj in on_disk["rates"].values():
+        start, end = traj["trajectory"][0], traj["final"]
+        assert set(end) == {"embed", "input", "hidden", "output", "dropconnect", "ar", "tar"}
+        assert any(abs(end[k] - 0.5) > 1e-3 for k in ("embed", "input", "hidden", "output", "dropconnect"))
+        assert len(traj["trajectory"]) == 4 and start != end
+    loss = on_disk["overfit_val_loss"]
+    assert len(loss) == 50 and min(loss) < loss[0] - 1.0  # the validation loss is driven down
+    assert (base / "full" / "rates.png").exists() and (base / "full" / "overfit.png").exists()
+
+
+def test_dropout_lstm_resume_is_exact(lstm_runs):
+    base, full, stopped, resumed = lstm_runs
+    assert stopped == {"stopped_after": 6}
+    assert resumed == full
+    assert (base / "res" / "results.json").read_text() == (base / "full" / "results.json").read_text()
+
+
+# ---------------------------------------------------------------------------- bad flags
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "match"),
+    [
+        ("augmentation", ["--quick", "--steps", "0"], "--steps"),
+        ("augmentation", ["--quick", "--inner-steps", "2"], "Unroll"),
+        ("augmentation", ["--quick", "--dataset", "cifar10"], "--data-dir"),
+        ("augmentation", ["--quick", "--stop-after", "2"], "--checkpoint"),
+        ("augmentation", ["--quick", "--n-train", "5000"], "--n-train"),
+        ("dropout_lstm", ["--quick", "--layers", "1"], "--layers"),
+        ("dropout_lstm", ["--quick", "--corpus", "ptb"], "--data-dir"),
+        ("dropout_lstm", ["--quick", "--steps", "3", "--inner-steps", "5"], "--steps"),
+    ],
+)
+def test_bad_flags_raise_clear_errors(module, argv, match):
+    with pytest.raises(ValueError, match=match):
+        _load(module).main(argv)
+
+
+def test_unknown_choice_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit):
+        dropout_lstm.main(["--rates", "per-galaxy"])
+    assert "--rates" in capsys.readouterr().err
+
+
+def test_checkpoint_from_other_flags_is_refused(tmp_path):
+    path = tmp_path / "c.pt"
+    torch.save({"fingerprint": {"quick": False}}, path)
+    with pytest.raises(ValueError, match="different flags"):
+        dropout_lstm.main(["--quick", "--checkpoint", str(path), "--out", str(tmp_path)])
