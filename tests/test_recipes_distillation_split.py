@@ -1,0 +1,191 @@
+"""The distillation (Section 5.3) and validation-split (Section 5.6) recipes, run as a user runs them.
+
+Each quick mode is run once per module through ``main([...])`` and its results.json is checked for
+the exact keys and for the qualitative claims that hold reliably at that size; the stronger claim of
+the full distillation run is behind ``@pytest.mark.slow``. MNIST and CIFAR-10 are exercised on tiny
+files written here in the exact on-disk formats (IDX, python pickle batches).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pickle
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    """Import recipes/<name>.py as the script would run: with recipes/ on sys.path."""
+    recipes = str(ROOT / "recipes")
+    if recipes not in sys.path:
+        sys.path.insert(0, recipes)
+    spec = importlib.util.spec_from_file_location(f"_recipe_{name}", ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+distillation = _load("distillation")
+validation_split = _load("validation_split")
+
+DISTILLATION_KEYS = {"n_hparams", "test_acc_distilled", "test_acc_random_real", "test_acc_full_data"}
+
+
+def _read(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+# ---------------------------------------------------------------------------------- distillation
+
+
+@pytest.fixture(scope="module")
+def distilled_quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("distillation")
+    returned = distillation.main(["--quick", "--device", "cpu", "--out", str(out)])
+    return out, returned
+
+
+def test_distillation_quick_writes_the_documented_results(distilled_quick):
+    out, returned = distilled_quick
+    results = _read(out)
+    assert set(results) == DISTILLATION_KEYS
+    assert results == returned
+    assert results["n_hparams"] == 10 * 64  # one 8×8 image per class
+    for key in DISTILLATION_KEYS - {"n_hparams"}:
+        assert 0.0 <= results[key] <= 1.0, key
+    for name in ("distillation_images.png", "distillation_loss.png"):
+        assert (out / name).stat().st_size > 1000, name
+    assert (out / "distilled_images.pt").exists()
+
+
+def test_distillation_quick_beats_random_real_images(distilled_quick):
+    _, results = distilled_quick
+    # Chance is 0.1. Ten distilled images must teach logistic regression far more than ten real ones.
+    assert results["test_acc_distilled"] > 0.75
+    assert results["test_acc_distilled"] > results["test_acc_random_real"] + 0.1
+    assert results["test_acc_full_data"] > 0.85
+
+
+@pytest.mark.slow
+def test_distillation_full_run_matches_the_paper_qualitatively(tmp_path):
+    results = distillation.main(["--device", "cpu", "--out", str(tmp_path)])
+    assert results["test_acc_distilled"] > 0.85
+    assert results["test_acc_distilled"] > results["test_acc_random_real"] + 0.2
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """IDX: two zero bytes, type 0x08 (ubyte), ndim, big-endian uint32 sizes, raw bytes."""
+    path.write_bytes(bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes())
+
+
+def _class_images(rng: np.random.Generator, n: int, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images whose mean brightness pattern depends on the label (so the task is learnable)."""
+    labels = np.arange(n) % 10
+    templates = rng.integers(0, 256, size=(10, *shape))
+    noise = rng.integers(-40, 41, size=(n, *shape))
+    return np.clip(templates[labels] + noise, 0, 255).astype(np.uint8), labels.astype(np.uint8)
+
+
+def test_distillation_reads_mnist_idx_files(tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 120), ("t10k", 60)):
+        images, labels = _class_images(rng, n, (28, 28))
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", images)
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", labels)
+    out = tmp_path / "out"
+    argv = ["--quick", "--dataset", "mnist", "--data-dir", str(tmp_path), "--out", str(out)]
+    results = distillation.main([*argv, "--hypersteps", "3", "--draws", "1", "--val-batch", "50"])
+    assert set(_read(out)) == DISTILLATION_KEYS
+    assert results["n_hparams"] == 28 * 28 * 10  # 7 840, as in the paper
+
+
+def test_distillation_reads_cifar10_pickle_batches(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name, n in [*((f"data_batch_{i}", 20) for i in range(1, 6)), ("test_batch", 30)]:
+        images, labels = _class_images(rng, n, (3 * 32 * 32,))
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": images, b"labels": labels.tolist()}, f)
+    out = tmp_path / "out"
+    argv = ["--quick", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(out)]
+    results = distillation.main([*argv, "--hypersteps", "3", "--draws", "1"])
+    assert set(_read(out)) == DISTILLATION_KEYS
+    assert results["n_hparams"] == 32 * 32 * 3 * 10  # 30 720, as in the paper
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--dataset", "svhn"], "--dataset"),
+        (["--dataset", "mnist"], "--data-dir"),
+        (["--hypersteps", "0"], "--hypersteps"),
+        (["--weight-decay", "-1"], "--weight-decay"),
+        (["--strategy", "adam"], "--strategy"),
+    ],
+)
+def test_distillation_rejects_bad_flags(argv, flag, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        distillation.main([*argv, "--out", str(tmp_path)])
+    assert flag in capsys.readouterr().err
+
+
+def test_distillation_rejects_unknown_device(tmp_path):
+    with pytest.raises(ValueError, match="--device"):
+        distillation.main(["--quick", "--device", "gpu0", "--out", str(tmp_path)])
+
+
+# ------------------------------------------------------------------------------ validation split
+
+
+@pytest.fixture(scope="module")
+def split_quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("validation_split")
+    returned = validation_split.main(["--quick", "--device", "cpu", "--out", str(out)])
+    return out, returned
+
+
+def test_validation_split_quick_writes_the_documented_results(split_quick):
+    out, returned = split_quick
+    results = _read(out)
+    assert results == returned
+    assert set(results) == {"proportions", "global", "per_weight"}
+    assert results["proportions"] == [0.1, 0.5, 0.9]
+    for regime in ("global", "per_weight"):
+        assert set(results[regime]) == {"no_retrain", "retrain"}
+        for mode in ("no_retrain", "retrain"):
+            values = results[regime][mode]
+            assert len(values) == 3
+            assert all(0.0 <= v <= 1.0 for v in values)
+    assert (out / "validation_split.png").stat().st_size > 1000
+
+
+def test_validation_split_quick_is_far_above_chance_and_retraining_helps_when_training_is_small(split_quick):
+    _, results = split_quick
+    for regime in ("global", "per_weight"):
+        # Logistic regression on digits: chance is 0.1, a tuned model is above 0.9.
+        assert min(results[regime]["no_retrain"] + results[regime]["retrain"]) > 0.85
+        # At p = 0.9 the jointly trained weights saw 10 % of the data; re-training sees all of it.
+        assert results[regime]["retrain"][-1] > results[regime]["no_retrain"][-1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--proportions", "0.5,1.5"], "--proportions"),
+        (["--proportions", "half"], "--proportions"),
+        (["--repeats", "0"], "--repeats"),
+        (["--outer-lr", "nan"], "--outer-lr"),
+    ],
+)
+def test_validation_split_rejects_bad_flags(argv, flag, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        validation_split.main([*argv, "--out", str(tmp_path)])
+    assert flag in capsys.readouterr().err
