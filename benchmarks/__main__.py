@@ -15,6 +15,7 @@ from benchmarks import memory, report, suite
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes and few rounds (under ~2 minutes)")
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # seconds; the smoke test's size
     parser.add_argument("--out", type=Path, default=Path("runs") / "bench", help="output directory")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -25,7 +26,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads < 1:
         parser.error(f"--threads={args.threads}: must be >= 1")
     torch.set_num_threads(args.threads)
-    cfg = suite.Config.make(args.quick, args.threads, args.device)
+    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    cfg = suite.Config.make(mode, args.threads, args.device)
     if args.rounds is not None:
         if args.rounds < 1:
             parser.error(f"--rounds={args.rounds}: must be >= 1")

@@ -83,14 +83,14 @@ class Primitives:
         self.v = {k: torch.randn_like(t) * 1e-3 for k, t in self.p.items()}
         _, self._vjp = torch.func.vjp(self.grad_w, self.p, self.h)
         self.train = lambda p, h: problem.train_loss(p, h, tb)
-        self._w, self._g = self.graph()
+        self._w, self._hl, self._g = self.graph()
 
-    def graph(self) -> tuple[list[Tensor], tuple[Tensor, ...]]:
+    def graph(self) -> tuple[list[Tensor], list[Tensor], tuple[Tensor, ...]]:
         w = [t.detach().requires_grad_() for t in self.p.values()]
-        self._hl = [t.detach().requires_grad_() for t in self.h.values()]
+        h = [t.detach().requires_grad_() for t in self.h.values()]
         with torch.enable_grad():
-            loss = self.train(dict(zip(self.p, w)), dict(zip(self.h, self._hl)))
-            return w, torch.autograd.grad(loss, w, create_graph=True)
+            loss = self.train(dict(zip(self.p, w)), dict(zip(self.h, h)))
+            return w, h, torch.autograd.grad(loss, w, create_graph=True)
 
     def graph_hvp(self) -> Any:
         return torch.autograd.grad(self._g, self._w, list(self.v.values()), retain_graph=True)

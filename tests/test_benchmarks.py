@@ -1,0 +1,67 @@
+"""Smoke test of the benchmark harness: a tiny configuration runs end to end and writes every key.
+
+Timings are never asserted (they are measurements, see docs/benchmarks.md); only the shape of the
+output and that every ratio is a positive finite number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KEYS = {
+    "overhead_ratio",
+    "torchopt_ratio",
+    "time_to_accuracy",
+    "unroll_vs_higher",
+    "neumann_mem_ratio",
+    "step_overhead_ratio",
+    "hvp_modes",
+    "max_hparams",
+    "bilevel_vs_plain_training",
+}
+
+
+def _ratios(tree, path="", inside=False):
+    """Every number stored under a key named ``*_ratio``, ``ratio_*`` or ``ratios``, with its path."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            named = "ratio" in key.split("_") or key == "ratios"
+            yield from _ratios(value, f"{path}.{key}", inside or named)
+    elif inside:
+        yield path, tree
+
+
+def test_tiny_run_writes_every_key_with_positive_finite_ratios(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--tiny", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert KEYS <= results.keys()
+    for key in KEYS:
+        value = results[key]["value"]
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
+    found = dict(_ratios(results))
+    assert len(found) >= 10  # the per-problem and per-K ratios are there too
+    for where, value in found.items():
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (where, value)
+    assert (
+        results["max_hparams"]["value"]
+        == results["overhead_ratio"]["details"]["problems"][results["max_hparams"]["details"]["problem"]]["params"]
+    )
+    table = (tmp_path / "bench.md").read_text()
+    for key in KEYS:
+        assert f"`{key}`" in table
