@@ -82,6 +82,10 @@ class ReverseHVP(HVP):
     Example:
         >>> import bilevel
         >>> strategy = bilevel.Neumann(steps=10, alpha=0.1, hvp=bilevel.ReverseHVP())
+
+    References:
+        Pearlmutter (1994), "Fast exact multiplication by the Hessian"; Lorraine, Vicol &
+        Duvenaud (2020), Algorithm 2 (vector-Jacobian products instead of matrices).
     """
 
     def build(self, loss: LeafLoss, w: Leaves, h: Leaves, *, retain: bool = True) -> _Operator:
@@ -162,6 +166,10 @@ class FiniteDifferenceHVP(HVP):
     Example:
         >>> import bilevel
         >>> strategy = bilevel.Neumann(steps=5, alpha=0.1, hvp=bilevel.FiniteDifferenceHVP())
+
+    References:
+        Nocedal & Wright (2006), *Numerical Optimization*, 2nd ed., section 8.1 (finite-difference
+        Hessian-vector products and the choice of step).
     """
 
     rel_step: float | None = None
