@@ -34,8 +34,10 @@ class MicroBatches:
     peak memory is that of one micro-batch (Hessian-vector products are then recomputed per
     micro-batch instead of reusing one linearisation).
 
-    .. math:: \\nabla L = \\frac{1}{k}\\sum_{i=1}^k \\nabla L(\\cdot\\,; b_i), \\qquad
-              Hv = \\frac{1}{k}\\sum_{i=1}^k H(b_i)\\, v
+    $$
+    \\nabla L = \\frac{1}{k}\\sum_{i=1}^k \\nabla L(\\cdot\\,; b_i), \\qquad
+    Hv = \\frac{1}{k}\\sum_{i=1}^k H(b_i)\\, v
+    $$
 
     Args:
         batches: the micro-batches (a non-empty sequence of whatever your losses accept).
