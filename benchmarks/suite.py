@@ -50,14 +50,15 @@ class Config:
         common = {"threads": threads, "device": device}
         if mode == "tiny":
             tiny = (16, 8, 4)
+            mem = (256, 128, 10)  # memory cases need tensors above the 64 KiB mmap threshold to register
             return cls(
                 quick=True,
                 mlps=(tiny,),
-                batch=8,
+                batch=64,
                 cnn_batch=2,
-                mid=tiny,
-                unroll_widths=tiny,
-                unroll_batch=8,
+                mid=mem,
+                unroll_widths=mem,
+                unroll_batch=64,
                 unroll_steps=(2,),
                 unroll_mem_steps=(2, 3),
                 tta_widths=(8, 3),
@@ -75,12 +76,15 @@ class Config:
                 mid=small,
                 unroll_widths=small,
                 unroll_batch=128,
-                unroll_mem_steps=(2, 10, 20),
+                unroll_steps=(5, 20),
+                unroll_mem_steps=(2, 20),
                 tta_widths=(64, 10),
                 rounds=3,
                 min_time=0.03,
                 **common,
             )
+        if mode != "full":
+            raise ValueError(f"`mode={mode!r}`: expected 'full', 'quick' or 'tiny'.")
         return cls(
             quick=False,
             mlps=((784, 128, 10), mid, large),
@@ -89,9 +93,10 @@ class Config:
             mid=mid,
             unroll_widths=mid,
             unroll_batch=512,
+            unroll_steps=(5, 20),
             unroll_mem_steps=(2, 10, 20, 50),
             tta_widths=(784, 10),
-            rounds=7,
+            rounds=5,
             min_time=0.2,
             **common,
         )

@@ -31,6 +31,8 @@ def _ratios(tree, path="", inside=False):
     """Every number stored under a key named ``*_ratio``, ``ratio_*`` or ``ratios``, with its path."""
     if isinstance(tree, dict):
         for key, value in tree.items():
+            if key in ("unit", "goal", "met"):  # the record's labels, not numbers
+                continue
             named = "ratio" in key.split("_") or key == "ratios"
             yield from _ratios(value, f"{path}.{key}", inside or named)
     elif inside:
