@@ -126,13 +126,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = recipe_common.base_parser(NAME, __doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="digits", help="digits (bundled, default), mnist or cifar10")
     parser.add_argument("--data-dir", type=Path, default=None, help="folder holding the MNIST/CIFAR-10 files")
-    parser.add_argument("--hypersteps", type=int, default=None, help="outer steps (default 300; --quick 40)")
+    parser.add_argument("--hypersteps", type=int, default=None, help="outer steps (default 300; --quick 60)")
     parser.add_argument("--inner-steps", type=int, default=10, help="inner Adam steps per hyperstep (N)")
     parser.add_argument("--inner-lr", type=float, default=1e-2, help="inner Adam learning rate")
     parser.add_argument("--outer-lr", type=float, default=1e-2, help="outer RMSprop learning rate (paper: 1e-2)")
     parser.add_argument("--weight-decay", type=float, default=1e-2, help="fixed δ in L_T (makes w* unique)")
     parser.add_argument("--strategy", default="cg", help="cg (default) or neumann")
-    parser.add_argument("--val-batch", type=int, default=1000, help="real validation examples per hyperstep")
+    parser.add_argument(
+        "--val-batch", type=int, default=2000, help="real validation examples per hyperstep (all if fewer)"
+    )
     parser.add_argument("--draws", type=int, default=None, help="random-real baseline draws (default 20; --quick 5)")
     args = parser.parse_args(argv)
 
@@ -142,7 +144,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--dataset {args.dataset} reads files from disk: pass --data-dir pointing at your copy.")
     if args.strategy not in ("cg", "neumann"):
         parser.error(f"--strategy {args.strategy!r}: expected 'cg' or 'neumann'.")
-    args.hypersteps = args.hypersteps if args.hypersteps is not None else (40 if args.quick else 300)
+    args.hypersteps = args.hypersteps if args.hypersteps is not None else (60 if args.quick else 300)
     args.draws = args.draws if args.draws is not None else (5 if args.quick else 20)
     for flag in ("hypersteps", "inner_steps", "val_batch", "draws"):
         if getattr(args, flag) < 1:
@@ -284,7 +286,10 @@ def plot_images(distilled: Tensor, real: Tensor, acc_distilled: float, acc_real:
         axes[0, c].set_title(str(c))
     axes[0, 0].set_ylabel(f"distilled\n{acc_distilled:.1%}")
     axes[1, 0].set_ylabel(f"random real\n{acc_real:.1%}")
-    fig.suptitle("One training image per class; test accuracy of a logistic regression trained on the row")
+    fig.suptitle(
+        "One training image per class (red > 0, blue < 0, white = 0); "
+        "test accuracy of a logistic regression trained on the row"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -60,6 +60,7 @@ NAME = "validation_split"
 DTYPE = torch.float32
 N_CLASSES = 10
 REGIMES = ("global", "per_weight")
+MODES = ("no_retrain", "retrain")
 
 
 # ---------------------------------------------------------------------------------------- problem
@@ -257,42 +258,52 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 
     results = {
         "proportions": args.proportions,
-        **{
-            regime: {mode: [sum(r) / len(r) for r in acc[regime][mode]] for mode in ("no_retrain", "retrain")}
-            for regime in REGIMES
-        },
+        **{regime: {mode: [_mean(r) for r in acc[regime][mode]] for mode in MODES} for regime in REGIMES},
     }
+    errors = {regime: {mode: [_stderr(r) for r in acc[regime][mode]] for mode in MODES} for regime in REGIMES}
     recipe_common.write_results(args.out, results)
-    plot(results, args.repeats, args.out / "validation_split.png")
-    print(f"test accuracy, mean of {args.repeats} split(s)  [{time.perf_counter() - started:.0f} s] -> {args.out}")
-    print("   p   global  global+retrain  per-weight  per-weight+retrain")
+    plot(results, errors, args.repeats, args.out / "validation_split.png")
+    print(f"test accuracy, mean ± standard error over {args.repeats} split(s)  [{time.perf_counter() - started:.0f} s]")
+    print("   p   global         global+retrain  per-weight     per-weight+retrain")
     for i, p in enumerate(results["proportions"]):
-        g, w = results["global"], results["per_weight"]
-        print(
-            f"{p:4.2f}   {g['no_retrain'][i]:.3f}   {g['retrain'][i]:.3f}           "
-            f"{w['no_retrain'][i]:.3f}       {w['retrain'][i]:.3f}"
-        )
+        cells = [f"{results[g][m][i]:.3f}±{errors[g][m][i]:.3f}" for g in REGIMES for m in MODES]
+        print(f"{p:4.2f}   " + "    ".join(cells))
+    print(f"-> {args.out}")
     return results
 
 
-def plot(results: dict[str, Any], repeats: int, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    styles = {"global": ("-", "1 global decay"), "per_weight": (":", "a decay per weight")}
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _stderr(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    m = _mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
+def plot(results: dict[str, Any], errors: dict[str, Any], repeats: int, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    styles = {"global": ("-", "o", "1 global decay"), "per_weight": (":", "s", "a decay per weight")}
     colours = {"no_retrain": "tab:blue", "retrain": "tab:orange"}
-    for regime, (line, label) in styles.items():
+    for regime, (line, marker, label) in styles.items():
         for mode, colour in colours.items():
             suffix = ", re-trained on train+val" if mode == "retrain" else ", no re-training"
-            ax.plot(
+            ax.errorbar(
                 results["proportions"],
                 results[regime][mode],
-                line,
-                marker="o",
+                yerr=errors[regime][mode] if repeats > 1 else None,
+                linestyle=line,
+                marker=marker,
                 color=colour,
+                capsize=3,
                 label=label + suffix,
             )
     ax.set_xlabel("proportion of the training data used for validation")
-    ax.set_ylabel(f"test accuracy (mean of {repeats} split{'s' if repeats > 1 else ''})")
-    ax.set_title("Logistic regression on digits: validation split vs. test accuracy")
+    what = f"mean ± s.e. of {repeats} splits" if repeats > 1 else "1 split"
+    ax.set_ylabel(f"test accuracy ({what})")
+    ax.set_title("Logistic regression on digits: validation split vs. test accuracy", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
