@@ -84,3 +84,10 @@ def typecheck(session: nox.Session) -> None:
     _install(session)
     session.install("mypy")
     session.run("mypy", "bilevel")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks vs the physical limit, torchopt and higher (`nox -s bench -- --quick --out DIR`)."""
+    session.install("-e", ".", "higher>=0.2", env=ENV)  # higher: the unrolling peer; ENV keeps torch pinned
+    session.run("python", "-m", "benchmarks", *(session.posargs or ["--out", "runs/bench"]))

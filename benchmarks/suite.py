@@ -126,7 +126,7 @@ def _ms(samples: dict[str, list[float]]) -> dict[str, float]:
 def overhead(cfg: Config, log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Ours vs the sum of separately timed primitives, per problem; also feeds max_hparams."""
     rows: dict[str, Any] = {}
-    shapes = [("mlp", w) for w in cfg.mlps] + [("cnn", ())]
+    shapes = [("mlp", w) for w in cfg.mlps] + ([] if cfg.tiny else [("cnn", ())])
     for kind, widths in shapes:
         problem = cfg.problem(kind, widths, cfg.cnn_batch if kind == "cnn" else cfg.batch)
         log(f"overhead: {problem.name}")
