@@ -110,12 +110,12 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
     """Sizes and budgets; --quick shrinks everything."""
     quick = args.quick
     cfg = {
-        "embed": _given(args.embed, 24 if quick else 64),
-        "hidden": _given(args.hidden, 32 if quick else 128),
+        "embed": _given(args.embed, 24 if quick else 48),
+        "hidden": _given(args.hidden, 32 if quick else 96),
         "layers": args.layers,
         "batch": 8 if quick else 32,
         "bptt": 12 if quick else 30,
-        "steps": _given(args.steps, 60 if quick else 900),
+        "steps": _given(args.steps, 40 if quick else 800),
         "inner_steps": args.inner_steps,
         "neumann": args.neumann,
         "lr": 3e-3,
