@@ -1,0 +1,196 @@
+"""Quick runs of the Section 5.1 and 5.2 recipes, checked against the paper's qualitative claims.
+
+Each recipe is run in-process through its ``main([...])`` exactly as ``python recipes/x.py --quick``
+would run it; the assertions read the results.json it writes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _load(name: str):
+    """Import recipes/<name>.py the way `python recipes/<name>.py` does (its folder on sys.path)."""
+    if str(RECIPES) not in sys.path:
+        sys.path.insert(0, str(RECIPES))
+    spec = importlib.util.spec_from_file_location(f"_recipe_{name}", RECIPES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+accuracy = _load("hypergradient_accuracy")
+overfit = _load("overfit_validation")
+
+
+def _read(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+# ------------------------------------------------------------------- hypergradient_accuracy (5.1)
+
+
+@pytest.fixture(scope="module")
+def accuracy_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hypergradient_accuracy")
+    returned = accuracy.main(["--quick", "--device", "cpu", "--out", str(out)])
+    return out, returned
+
+
+def test_accuracy_results_have_exactly_the_documented_keys(accuracy_run):
+    out, returned = accuracy_run
+    results = _read(out)
+    assert set(results) == {"steps", "cosine", "l2", "cosine_identity"}
+    assert set(results["cosine"]) == set(results["l2"]) == {"neumann", "cg"}
+    n = len(results["steps"])
+    assert results["steps"] == list(range(1, n + 1)) and n >= 10
+    for curve in (*results["cosine"].values(), *results["l2"].values()):
+        assert len(curve) == n and all(isinstance(v, float) for v in curve)
+    assert json.loads(json.dumps(returned)) == results  # main() returns what it wrote
+    for png in ("fig3_hypergradient_accuracy.png", "fig4_inverse_hessian.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_accuracy_curves_rise_and_cg_reaches_exact(accuracy_run):
+    results = _read(accuracy_run[0])
+    neumann, cg = results["cosine"]["neumann"], results["cosine"]["cg"]
+    # More Neumann terms / CG iterations point the hypergradient closer to the exact one.
+    assert neumann[-1] > neumann[0] + 0.1
+    assert cg[-1] > cg[0] + 0.1
+    assert cg[-1] > 0.99 and max(cg) > 0.99
+    # With α = 1/λ_max the Neumann error in H⁻¹v shrinks with every term; so does the distance.
+    l2_neumann, l2_cg = results["l2"]["neumann"], results["l2"]["cg"]
+    assert l2_neumann[-1] < l2_neumann[0]
+    # CG on this 49-weight problem converges: its distance to Exact falls by orders of magnitude.
+    assert l2_cg[-1] < 1e-3 * l2_cg[0]
+    # Identity(α) is the one-term Neumann series with the same α.
+    assert results["cosine_identity"] == pytest.approx(neumann[0], abs=1e-12)
+
+
+def test_accuracy_bad_flags_are_clear(capsys):
+    with pytest.raises(SystemExit) as exc:
+        accuracy.main(["--quick", "--bogus"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        accuracy.main(["--quick", "--model", "resnet"])
+    assert "--model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        accuracy.main(["--quick", "--steps", "0"])
+    assert "--steps 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", [accuracy, overfit], ids=["hypergradient_accuracy", "overfit_validation"])
+def test_device_flag_is_validated(recipe, monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="--device 'nonsense'"):
+        recipe.main(["--quick", "--device", "nonsense", "--out", str(tmp_path)])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        recipe.main(["--quick", "--device", "cuda", "--out", str(tmp_path)])
+    assert not (tmp_path / "results.json").exists()
+
+
+# ---------------------------------------------------------------------- overfit_validation (5.2)
+
+
+@pytest.fixture(scope="module")
+def overfit_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("overfit_validation")
+    returned = overfit.main(["--quick", "--device", "cpu", "--out", str(out)])
+    return out, returned
+
+
+def test_overfit_results_have_exactly_the_documented_keys(overfit_run):
+    out, returned = overfit_run
+    results = _read(out)
+    assert set(results) == {"models"}
+    assert set(results["models"]) == {"linear", "mlp", "cnn"}
+    for summary in results["models"].values():
+        assert set(summary) == {"train_acc", "val_acc", "test_acc", "n_hparams"}
+    assert json.loads(json.dumps(returned)) == results
+    # One decay per weight and bias of: Linear(64, 10); 64-64-10 MLP; the LeNet-style CNN.
+    assert results["models"]["linear"]["n_hparams"] == 64 * 10 + 10
+    assert results["models"]["mlp"]["n_hparams"] == 64 * 64 + 64 + 64 * 10 + 10
+    cnn = (1 * 6 * 25 + 6) + (6 * 16 * 25 + 16) + (16 * 2 * 2 * 120 + 120) + (120 * 84 + 84) + (84 * 10 + 10)
+    assert results["models"]["cnn"]["n_hparams"] == cnn
+    assert (out / "fig10_overfit_validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_overfit_validation_accuracy_rises_and_test_stays_below(overfit_run):
+    out, _ = overfit_run
+    results = _read(out)
+    history = json.loads((out / "history.json").read_text())
+    for kind, summary in results["models"].items():
+        val_err = history[kind]["val_err"]
+        assert summary["val_acc"] == pytest.approx(1.0 - val_err[-1])
+        assert val_err[-1] < val_err[0] - 0.5, kind  # from chance (~0.9 error) to a fitted model
+        assert summary["test_acc"] < summary["val_acc"], kind  # the validation set is overfit
+        assert summary["train_acc"] == 1.0, kind  # 50 training images are easy to fit
+
+
+def test_overfit_gain_comes_from_the_hyperparameters(overfit_run, tmp_path):
+    """Same run with the decays frozen (--outer-lr 0): validation accuracy ends lower."""
+    tuned = _read(overfit_run[0])["models"]
+    frozen = overfit.main(["--quick", "--models", "linear,mlp", "--outer-lr", "0", "--out", str(tmp_path)])["models"]
+    for kind in ("linear", "mlp"):
+        assert tuned[kind]["val_acc"] > frozen[kind]["val_acc"], kind
+
+
+def test_overfit_bad_flags_are_clear(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        overfit.main(["--quick", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        overfit.main(["--quick", "--models", "linear,resnet"])
+    assert "--models" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        overfit.main(["--quick", "--dataset", "imagenet"])
+    assert "--dataset" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--data-dir"):
+        overfit.main(["--quick", "--dataset", "mnist", "--out", str(tmp_path)])
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """IDX: bytes 0, 0, dtype code 0x08 (ubyte), ndim; big-endian uint32 sizes; raw data."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def test_overfit_runs_on_mnist_idx_files(tmp_path):
+    """--dataset mnist reads the four IDX files; 28×28 inputs give 7 850 decays for the linear model."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "mnist"
+    data.mkdir()
+    for prefix, n in (("train", 120), ("t10k", 30)):
+        labels = np.arange(n) % 10
+        _write_idx(data / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    out = tmp_path / "out"
+    args = ["--dataset", "mnist", "--data-dir", str(data), "--models", "linear", "--steps", "20", "--out", str(out)]
+    results = overfit.main(args)
+    summary = results["models"]["linear"]
+    assert summary["n_hparams"] == 28 * 28 * 10 + 10
+    assert all(0.0 <= summary[k] <= 1.0 for k in ("train_acc", "val_acc", "test_acc"))
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["linear"]["test_err"]) == 3  # initial point + hypersteps 1 and 2
+
+
+def test_overfit_rejects_too_few_images_per_class(tmp_path):
+    data = tmp_path / "mnist"
+    data.mkdir()
+    for prefix, n in (("train", 50), ("t10k", 10)):  # 5 per class: not enough for 5 train + 5 val
+        _write_idx(data / f"{prefix}-images-idx3-ubyte.gz", np.zeros((n, 28, 28)))
+        _write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    with pytest.raises(ValueError, match="needs >= 10 training images"):
+        overfit.main(["--dataset", "mnist", "--data-dir", str(data), "--out", str(tmp_path / "out")])
