@@ -164,7 +164,7 @@ def test_validation_split_quick_writes_the_documented_results(split_quick):
             values = results[regime][mode]
             assert len(values) == 3
             assert all(0.0 <= v <= 1.0 for v in values)
-    assert (out / "validation_split.png").stat().st_size > 1000
+    assert (out / "validation_split_accuracy.png").stat().st_size > 1000
 
 
 def test_validation_split_quick_is_far_above_chance_and_retraining_helps_when_training_is_small(split_quick):
