@@ -194,7 +194,7 @@ def plot(histories: dict[str, dict[str, list]], results: dict[str, Any], path: P
         for key, label in (("train_err", "train"), ("val_err", "validation"), ("test_err", "test")):
             ax.plot(history["hyperstep"], history[key], label=label)
         n = results["models"][kind]["n_hparams"]
-        ax.set(title=f"{kind} ({n:,} hparams)", xlabel="hyperstep", ylabel="error", ylim=(-0.02, 1.0))
+        ax.set(title=f"{kind} ({n:,} hparams)", xlabel="hyperstep", ylabel="error", ylim=(-0.01, 0.5))
         ax.legend()
     fig.suptitle(f"{dataset}: 50 train / 50 validation examples, one weight decay per weight", fontsize=10)
     fig.tight_layout()
