@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import pickle
 import struct
 import sys
 from pathlib import Path
@@ -184,6 +185,39 @@ def test_overfit_runs_on_mnist_idx_files(tmp_path):
     assert all(0.0 <= summary[k] <= 1.0 for k in ("train_acc", "val_acc", "test_acc"))
     history = json.loads((out / "history.json").read_text())
     assert len(history["linear"]["test_err"]) == 3  # initial point + hypersteps 1 and 2
+
+
+def test_overfit_runs_on_cifar10_pickle_batches(tmp_path):
+    """--dataset cifar10 reads the python pickle batches: 3×32×32 inputs, 30 730 decays for linear."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "cifar-10-batches-py"
+    data.mkdir()
+    for name, n in [*((f"data_batch_{i}", 20) for i in range(1, 6)), ("test_batch", 20)]:
+        batch = {b"data": rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8), b"labels": list(np.arange(n) % 10)}
+        (data / name).write_bytes(pickle.dumps(batch))
+    out = tmp_path / "out"
+    args = [
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        str(tmp_path),
+        "--models",
+        "linear",
+        "--steps",
+        "10",
+        "--out",
+        str(out),
+    ]
+    summary = overfit.main(args)["models"]["linear"]
+    assert summary["n_hparams"] == 3 * 32 * 32 * 10 + 10
+    assert (out / "fig10_overfit_validation.png").exists()
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)], ids=["digits", "mnist", "cifar10"])
+def test_overfit_models_fit_every_dataset_shape(shape):
+    x = torch.rand(4, *shape)
+    for kind in ("linear", "mlp", "cnn"):
+        assert overfit.make_model(kind, shape, 10)(x).shape == (4, 10)
 
 
 def test_overfit_rejects_too_few_images_per_class(tmp_path):
