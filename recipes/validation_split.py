@@ -180,11 +180,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, default=None, help="random splits per proportion (default 3; --quick 1)")
     parser.add_argument("--hypersteps", type=int, default=None, help="outer steps per run (default 100; --quick 20)")
-    parser.add_argument("--inner-steps", type=int, default=10, help="inner Adam steps per hyperstep (N)")
-    parser.add_argument("--warmup", type=int, default=100, help="inner steps before the first hyperstep")
-    parser.add_argument("--inner-lr", type=float, default=1e-2, help="inner Adam learning rate")
-    parser.add_argument("--outer-lr", type=float, default=1e-1, help="outer RMSprop learning rate (paper: 1e-2)")
-    parser.add_argument("--init-decay", type=float, default=1e-2, help="initial weight decay exp(λ₀)")
+    parser.add_argument("--inner-steps", type=int, default=10, help="inner Adam steps per hyperstep (default 10)")
+    parser.add_argument("--warmup", type=int, default=100, help="inner steps before the first hyperstep (default 100)")
+    parser.add_argument(
+        "--inner-lr", type=float, default=1e-2, help="inner Adam learning rate (default 1e-2; paper 1e-4)"
+    )
+    parser.add_argument(
+        "--outer-lr", type=float, default=1e-1, help="outer RMSprop learning rate (default 1e-1; paper 1e-2)"
+    )
+    parser.add_argument("--init-decay", type=float, default=1e-2, help="initial weight decay exp(λ₀) (default 1e-2)")
     args = parser.parse_args(argv)
 
     if args.proportions is None:
