@@ -50,6 +50,8 @@ class HypergradInfo:
         hvps: Hessian-vector products applied (power iteration and residual included; for
             ``Exact`` the P columns of the dense Hessian).
         val_loss: L_V at the given params and hparams (unrolled params for ``Unroll``).
+        grad_norm: ‖dL_V/dλ‖, the Euclidean norm of the whole hypergradient (for progress bars
+            and divergence checks; NaN/inf when the hypergradient is non-finite).
         residual: ‖(H + δI)x − ∂L_V/∂w‖ of the linear solve, or ``None`` where there is no solve
             (``Unroll``) or it was not requested (Neumann/Identity: pass ``residual=True``;
             costs one HVP).
@@ -75,6 +77,7 @@ class HypergradInfo:
     strategy: str
     hvps: int
     val_loss: Tensor
+    grad_norm: Tensor
     residual: Tensor | None = None
     iterations: int | None = None
     converged: bool | None = None
@@ -360,7 +363,7 @@ def ift_hypergradient(
         op.hvps += hessian.shape[0]
 
     grads = _tree.add(gh, op.mixed_vjp(x), -1.0)
-    return grads, HypergradInfo(strategy=name, hvps=op.hvps, val_loss=val, **extra)
+    return grads, HypergradInfo(strategy=name, hvps=op.hvps, val_loss=val, grad_norm=_tree.norm(grads), **extra)
 
 
 def unrolled_hypergradient(
@@ -397,4 +400,5 @@ def unrolled_hypergradient(
         found = torch.autograd.grad(val, hh, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for g, t in zip(found, h)]
     hvps = max(len(train_batches) - 1, 0)  # the first update's w-derivative is zero (w₀ is fixed)
-    return grads, HypergradInfo(strategy="unroll", hvps=hvps, val_loss=val.detach())
+    info = HypergradInfo(strategy="unroll", hvps=hvps, val_loss=val.detach(), grad_norm=_tree.norm(grads))
+    return grads, info

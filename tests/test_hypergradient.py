@@ -350,3 +350,10 @@ def test_works_inside_no_grad(strategy):
     with torch.no_grad():
         got, _ = run(problem, strategy)
     torch.testing.assert_close(Ridge.flat(got), Ridge.flat(expected), atol=0, rtol=0)
+
+
+def test_info_grad_norm_is_the_norm_of_the_whole_hypergradient():
+    problem = Ridge.make(direct=0.3)
+    for strategy in (bilevel.Neumann(4, 0.3), bilevel.Unroll(2, torchopt.sgd(0.3))):
+        grads, info = run(problem, strategy)
+        torch.testing.assert_close(info.grad_norm, Ridge.flat(grads).norm(), atol=1e-15, rtol=1e-14)
