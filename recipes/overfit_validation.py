@@ -172,7 +172,10 @@ def run_model(kind: str, args, data, device: torch.device, update) -> tuple[dict
     for _ in range(hypersteps * args.inner_steps):
         result = opt.step(train, val)
         if result.hyper is not None:
-            status.update(train_loss=float(result.loss), val_loss=float(result.hyper.val_loss))
+            hyper = result.hyper
+            status.update(
+                train_loss=float(result.loss), val_loss=float(hyper.val_loss), hypergrad=float(hyper.grad_norm)
+            )
             if opt.hypersteps % every == 0 or opt.hypersteps == hypersteps:
                 status["val_acc"] = record()[1]
         update(advance=1, **status)
