@@ -342,7 +342,7 @@ def unroll_vs_higher(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
     value = math.nan if any(math.isnan(v) for v in both) else max(both)
     return record(
         value,
-        f"ours / higher (worse of time and peak memory, K ∈ {set(cfg.unroll_steps)})",
+        f"ours / higher (worse of time and peak memory, K ∈ {{{', '.join(map(str, cfg.unroll_steps))}}})",
         "≤ 1.0",
         value <= 1.0,
         problem=problems.spec(problem),
@@ -383,7 +383,7 @@ def neumann_mem_ratio(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]
         batch=cfg.batch,
         method=memory.METHOD_CUDA if cfg.device.startswith("cuda") else memory.METHOD_CPU,
         peak_mib={"neumann": neumann, "cg": cg, "unroll": unroll},
-        cg_ratio=_div(cg[100], cg[2]) if cg else None,
+        **({"cg_ratio": _div(cg[100], cg[2])} if cg else {}),
         unroll_ratio_per_step=(unroll[max(unroll)] - unroll[min(unroll)]) / (max(unroll) - min(unroll)),
     )
 
