@@ -30,6 +30,8 @@ Defaults that differ from the paper's Adam 1e-4 / RMSprop 1e-2 (Appendix E), wit
 The outer optimiser is the paper's RMSprop 1e-2.
 
 Run:  python recipes/distillation.py [--quick] [--dataset digits|mnist|cifar10 --data-dir DIR]
+Data-parallel (each rank holds a shard of the real validation data; same updates as one process):
+      torchrun --standalone --nproc_per_node=2 recipes/distillation.py --quick
 """
 
 from __future__ import annotations
@@ -72,9 +74,10 @@ def make_losses(weight_decay: float):
     def train_loss(params: dict[str, Tensor], hparams: dict[str, Tensor], labels: Tensor) -> Tensor:
         return F.cross_entropy(logits(params, hparams["images"]), labels) + weight_decay * params["weight"].pow(2).sum()
 
-    def val_loss(params: dict[str, Tensor], hparams: dict[str, Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(logits(params, x), y)
+    def val_loss(params: dict[str, Tensor], hparams: dict[str, Tensor], batch: tuple) -> Tensor:
+        x, y, *weight = batch  # under torchrun: (x, y, weight) of this rank's shard (recipe_common.shard)
+        loss = F.cross_entropy(logits(params, x), y)
+        return loss * weight[0] if weight else loss
 
     return train_loss, val_loss
 
@@ -161,19 +164,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def resolve_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"--device {name!r}: not a torch device ({err}); try 'cpu' or 'cuda'.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r}: CUDA is not available on this machine; use --device cpu.")
-    return device
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    device = resolve_device(args.device)
+    device = recipe_common.resolve_device(args.device)
+    args.rank, args.world, device = recipe_common.setup_distributed(device)
     threads = torch.get_num_threads()
     if device.type == "cpu" and args.dataset == "digits":
         # 10×64 matrices: on a small, shared CPU, extra threads cost more in synchronisation than they
@@ -183,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return run(args, device)
     finally:
         torch.set_num_threads(threads)
+        recipe_common.teardown_distributed()
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -213,18 +208,23 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         outer=torchopt.rmsprop(args.outer_lr),
         strategy=strategy,
         inner_steps=args.inner_steps,
+        # Under torchrun each rank takes a shard of the validation data (the synthetic training set is
+        # the same everywhere); the optimiser averages over ranks, so all apply the same update.
+        distributed=bilevel.DataParallel() if args.world > 1 else None,
     )
 
     # All real labelled training data is the validation set; minibatches of it when it is large.
     full_batch = len(train_x) <= args.val_batch
     history: dict[str, list[float]] = {"hyperstep": [], "train_loss": [], "val_loss": []}
-    with recipe_common.progress(f"distilling {args.dataset}", args.hypersteps) as update:
+    lead = args.rank == 0  # under torchrun only rank 0 reports and writes files
+    with recipe_common.progress(f"distilling {args.dataset}", args.hypersteps, enabled=lead) as update:
         for _ in range(args.hypersteps):
             if full_batch:
                 val_batch = (train_x, train_y)
             else:
                 idx = torch.randint(len(train_x), (args.val_batch,), generator=generator).to(device)
                 val_batch = (train_x[idx], train_y[idx])
+            val_batch = recipe_common.shard(*val_batch, args.rank, args.world)
             before = opt.hparams["images"]
             for _ in range(args.inner_steps):
                 result = opt.step(labels, val_batch)
@@ -235,6 +235,8 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             update(train=history["train_loss"][-1], val=history["val_loss"][-1], pixel_step=float(change))
 
     distilled = opt.hparams["images"].detach()
+    if not lead:
+        return {}
     print("evaluating: fresh logistic regressions on distilled, random real and all training images ...")
     acc_distilled = accuracy(fit_from_scratch(distilled, labels, args.weight_decay), test_x, test_y)
     random_accs, example = [], None

@@ -31,6 +31,8 @@ hyperparameters), each with its reason:
 
 Run:  python recipes/overfit_validation.py [--quick] [--models linear,mlp,cnn]
                                            [--dataset digits|mnist|cifar10 --data-dir DIR] [--out DIR]
+Data-parallel (each rank steps on its shard of the 50 + 50 examples; same updates as one process):
+      torchrun --standalone --nproc_per_node=2 recipes/overfit_validation.py --quick
 """
 
 from __future__ import annotations
@@ -112,9 +114,10 @@ def make_model(kind: str, image_shape: tuple[int, int, int], classes: int) -> nn
 def make_losses(model: nn.Module):
     """L_T = CE + Σ exp(λ) w² (one log-decay per weight) and L_V = CE."""
 
-    def cross_entropy(params: dict[str, Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
-        x, y = batch
-        return nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
+    def cross_entropy(params: dict[str, Tensor], batch: tuple) -> Tensor:
+        x, y, *weight = batch  # under torchrun: (x, y, weight) of this rank's shard (recipe_common.shard)
+        loss = nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
+        return loss * weight[0] if weight else loss
 
     def train_loss(params: dict[str, Tensor], hparams: dict[str, Tensor], batch: Any) -> Tensor:
         return cross_entropy(params, batch) + sum((hparams[k].exp() * p**2).sum() for k, p in params.items())
@@ -140,6 +143,11 @@ def accuracy(model: nn.Module, params: dict[str, Tensor], data: tuple[Tensor, Te
 
 def run_model(kind: str, args, data, device: torch.device, update) -> tuple[dict[str, Any], dict[str, list]]:
     train, val, test = data
+    rank, world = args.rank, args.world
+    # Under torchrun each rank steps on its own shard; the optimiser averages over ranks, so every rank
+    # applies the full-batch update. Evaluation below uses the full sets (identical on every rank).
+    train_shard = recipe_common.shard(*train, rank, world)
+    val_shard = recipe_common.shard(*val, rank, world)
     recipe_common.seed_everything(args.seed)
     model = make_model(kind, tuple(train[0].shape[1:]), int(train[1].max()) + 1)
     model = model.to(device=device, dtype=train[0].dtype)
@@ -155,6 +163,7 @@ def run_model(kind: str, args, data, device: torch.device, update) -> tuple[dict
         outer=torchopt.rmsprop(args.outer_lr),
         strategy=bilevel.Neumann(steps=5, alpha="auto", refresh_every=10),
         inner_steps=args.inner_steps,
+        distributed=bilevel.DataParallel() if world > 1 else None,
     )
     hypersteps = args.steps // args.inner_steps
     every = max(1, hypersteps // 100)  # ~100 points per curve
@@ -170,7 +179,7 @@ def run_model(kind: str, args, data, device: torch.device, update) -> tuple[dict
     record()
     status: dict[str, Any] = {"model": kind}
     for _ in range(hypersteps * args.inner_steps):
-        result = opt.step(train, val)
+        result = opt.step(train_shard, val_shard)
         if result.hyper is not None:
             hyper = result.hyper
             status.update(
@@ -186,7 +195,7 @@ def run_model(kind: str, args, data, device: torch.device, update) -> tuple[dict
         "test_acc": test_acc,
         "n_hparams": sum(h.numel() for h in hparams.values()),
     }
-    if opt.skipped_outer_steps:
+    if opt.skipped_outer_steps and rank == 0:
         print(f"{kind}: {opt.skipped_outer_steps} hyperstep(s) skipped as non-finite")
     return summary, history
 
@@ -235,19 +244,10 @@ def parse_args(argv: list[str] | None):
     return args
 
 
-def resolve_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"--device {name!r}: not a torch device ({err}); try 'cpu' or 'cuda'.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r}: CUDA is not available on this machine; use --device cpu.")
-    return device
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = resolve_device(args.device)
+    device = recipe_common.resolve_device(args.device)
+    args.rank, args.world, device = recipe_common.setup_distributed(device)
     # 8×8 digits models are all per-op overhead: one CPU thread beats two threads contending on a
     # busy machine. Restored on exit (main() may be called in-process).
     threads = torch.get_num_threads()
@@ -257,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
         return _run(args, device)
     finally:
         torch.set_num_threads(threads)
+        recipe_common.teardown_distributed()
 
 
 def _run(args, device: torch.device) -> dict:
@@ -264,14 +265,18 @@ def _run(args, device: torch.device) -> dict:
     generator = recipe_common.seed_everything(args.seed)
     train, val, test = split(args.dataset, args.data_dir, 5, generator)
     data = tuple((x.to(device), y.to(device)) for x, y in (train, val, test))
-    print(f"{args.dataset}: {len(train[1])} train, {len(val[1])} validation, {len(test[1])} test images")
+    lead = args.rank == 0  # under torchrun only rank 0 reports and writes files
+    if lead:
+        print(f"{args.dataset}: {len(train[1])} train, {len(val[1])} validation, {len(test[1])} test images")
 
     results: dict[str, Any] = {"models": {}}
     histories: dict[str, dict[str, list]] = {}
     total = len(args.models) * (args.steps // args.inner_steps) * args.inner_steps
-    with recipe_common.progress("overfit validation", total=total) as update:
+    with recipe_common.progress("overfit validation", total=total, enabled=lead) as update:
         for kind in args.models:
             results["models"][kind], histories[kind] = run_model(kind, args, data, device, update)
+    if not lead:
+        return results
     args.out.mkdir(parents=True, exist_ok=True)
     recipe_common.write_results(args.out, results)
     (args.out / "history.json").write_text(json.dumps(histories) + "\n")

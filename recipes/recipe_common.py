@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
@@ -29,6 +31,53 @@ def base_parser(name: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def resolve_device(name: str) -> torch.device:
+    """``--device`` as a torch.device, or a ValueError naming the flag."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r}: not a torch device ({err}); try 'cpu' or 'cuda'.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: CUDA is not available on this machine; use --device cpu.")
+    return device
+
+
+# ----------------------------------------------------------------------- running under torchrun
+
+
+def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) — initialising torch.distributed when launched by ``torchrun``.
+
+    Without torchrun (no ``WORLD_SIZE`` > 1 in the environment) this is (0, 1, device) and nothing
+    is initialised. Under torchrun: gloo on CPU, NCCL on CUDA with one GPU per local rank.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def teardown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(x: torch.Tensor, y: torch.Tensor, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """This rank's slice of (x, y) and the weight that makes per-rank mean losses average to the full mean.
+
+    ``bilevel.DataParallel`` averages gradients over ranks, which equals the full-batch gradient of a
+    mean loss only for equal shards. Multiplying rank r's mean loss by ``weight = n_r · world / n``
+    makes the average over ranks exactly (1/n) Σ ℓ_i for any shard sizes; with one process it is 1.
+    """
+    x_r, y_r = torch.tensor_split(x, world)[rank], torch.tensor_split(y, world)[rank]
+    return x_r, y_r, len(y_r) * world / len(y)
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python and torch; return a CPU generator for data order."""
     random.seed(seed)
@@ -37,8 +86,14 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 @contextmanager
-def progress(description: str, total: int) -> Iterator[Any]:
-    """A rich progress bar with a live ``status`` field; yields ``update(advance=1, **status)``."""
+def progress(description: str, total: int, enabled: bool = True) -> Iterator[Any]:
+    """A rich progress bar with a live ``status`` field; yields ``update(advance=1, **status)``.
+
+    ``enabled=False`` (e.g. on ranks other than 0 under torchrun) shows nothing.
+    """
+    if not enabled:
+        yield lambda advance=1, **status: None
+        return
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
