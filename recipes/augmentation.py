@@ -157,7 +157,7 @@ def augment(lam: dict[str, Tensor], x: Tensor, eps: Tensor) -> Tensor:
 
 
 def init_resnet(channels: int, width: int, classes: int = 10) -> dict[str, Tensor]:
-    """A small pre-BN-free ResNet: stem, one residual block at `width`, one strided block at 2·width."""
+    """A small ResNet without batch norm: stem, a residual block at `width`, a strided one at 2·width."""
     c = width
     p = {}
     for name, shape in (

@@ -498,7 +498,7 @@ def plot(results: dict, out: Path) -> list[Path]:
         traj = results[phase]["rates"]
         for name in (*RATES, "ar", "tar"):
             ax.plot([r[name] for r in traj], label=name)
-        ax.set_title(f"{phase}: drop rates (mean) and AR/TAR coefficients")
+        ax.set_title(f"{phase}: mean drop rates, AR/TAR coefficients", fontsize=9)
         ax.set_xlabel("hyperstep")
         ax.set_yscale("log")
     axes[0].legend(fontsize=7)
