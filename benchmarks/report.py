@@ -138,7 +138,7 @@ def markdown(results: dict[str, Any]) -> str:
     u = results["unroll_vs_higher"]["details"]
     lines += [
         "",
-        f"## Unroll vs higher ({u['problem']['name']}, batch {u['problem']['batch']})",
+        f"## Unroll vs higher ({u['problem']['name']}, batch {u['problem']['batch']}; peer: {u.get('peer', 'higher')})",
         "",
         "| K | ours/higher time | ours/higher memory | autograd/higher time | autograd/higher memory | "
         "peak MiB ours / higher / autograd | rel. diff |",
