@@ -369,7 +369,7 @@ def measure_here(method: str, data: dict, cfg: dict, args: argparse.Namespace) -
 def measure_memory(method: str, argv: list[str], args: argparse.Namespace, data: dict, cfg: dict) -> int:
     if torch.device(args.device).type == "cuda":
         return measure_here(method, data, cfg, args)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(torch.get_num_threads()))
     package_root = str(Path(bilevel.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH", "")]))
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--measure-memory", method]

@@ -153,12 +153,21 @@ def bilevel_leaves(tree):
 
 # ------------------------------------------------------------------ quick runs and resume
 
-AUG_FLAGS = ["--quick", "--device", "cpu", "--restarts", "2", "--steps", "40"]
+AUG_FLAGS = ["--quick", "--device", "cpu", "--restarts", "1", "--steps", "40"]
 LSTM_FLAGS = ["--quick", "--device", "cpu", "--steps", "40"]
 
 
 @pytest.fixture(scope="module")
-def aug_runs(tmp_path_factory):
+def single_thread():
+    """The quick models are tiny: one intra-op thread is faster and does not oversubscribe shared CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def aug_runs(tmp_path_factory, single_thread):
     torch.set_default_dtype(torch.float32)
     base = tmp_path_factory.mktemp("aug")
     full = augmentation.main([*AUG_FLAGS, "--out", str(base / "full"), "--checkpoint", str(base / "a.pt")])
@@ -177,7 +186,7 @@ def test_augmentation_quick(aug_runs):
     for key in ("val_acc", "test_acc"):
         assert set(on_disk[key]) == {"no_ho", "identity", "neumann3", "unroll3"}
         for accs in on_disk[key].values():
-            assert len(accs) == 2 and all(0.2 < a <= 1.0 for a in accs)  # well above chance (0.1)
+            assert len(accs) == 1 and all(0.2 < a <= 1.0 for a in accs)  # well above chance (0.1)
     assert set(on_disk["peak_mem_bytes"]) == {"neumann3", "unroll3"}
     assert all(isinstance(v, int) and v > 0 for v in on_disk["peak_mem_bytes"].values())
     lam0 = augmentation.init_unet(1, 4)
@@ -191,13 +200,13 @@ def test_augmentation_quick(aug_runs):
 
 def test_augmentation_resume_is_exact(aug_runs):
     _, full, stopped, resumed, _ = aug_runs
-    assert stopped == {"stopped_after": 11}  # killed in the second of eight runs, 1 period after its last save
+    assert stopped == {"stopped_after": 11}  # killed in the second of four runs, 1 period after its last save
     for key in ("val_acc", "test_acc", "n_hparams"):
         assert resumed[key] == full[key]
 
 
 @pytest.fixture(scope="module")
-def lstm_runs(tmp_path_factory):
+def lstm_runs(tmp_path_factory, single_thread):
     torch.set_default_dtype(torch.float32)
     base = tmp_path_factory.mktemp("lstm")
     full = dropout_lstm.main([*LSTM_FLAGS, "--out", str(base / "full"), "--checkpoint", str(base / "a.pt")])
