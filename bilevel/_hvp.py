@@ -73,11 +73,12 @@ class ReverseHVP(HVP):
       = \Big(x^\top \frac{\partial \nabla_w L_T(w, \lambda)}{\partial \lambda}\Big)^{\!\top}
     $$
 
-    Builds ``torch.func.vjp`` of \(w \mapsto \nabla_w L_T(w, \lambda)\) once per
-    hypergradient (one forward and one backward pass, graph kept), after which each product
-    \(Hv = (v^\top H)^\top\) (H is symmetric) is a single double-backward pass. The mixed product
-    is one separate VJP of \(\lambda \mapsto \nabla_w L_T(w, \lambda)\), so the HVPs never pay
-    for λ-cotangents the series does not use. Memory: one retained graph of the gradient.
+    Builds \(\nabla_w L_T(w, \lambda)\) once per hypergradient with ``torch.autograd.grad(...,
+    create_graph=True)``, w and λ both requiring grad (one forward and one backward pass, graph
+    kept). Each product \(Hv = (v^\top H)^\top\) (H is symmetric) is then a single double-backward
+    pass that autograd restricts to the path to w, and the mixed product is one more pass through
+    the same graph restricted to λ: no second linearisation, and the HVPs never pay for
+    λ-cotangents. Memory: one retained graph of the gradient.
 
     Example:
         >>> import bilevel
@@ -95,20 +96,43 @@ class ReverseHVP(HVP):
 
 
 class _ReverseOperator(_Operator):
-    _vjp: Callable[[Leaves], tuple[Leaves]] | None = None
+    _graph: tuple[Leaves, Leaves, Leaves] | None = None
     retain = True
 
-    def _hvp(self, v: Leaves) -> list[Tensor]:
-        vjp = self._vjp
-        if vjp is None:  # built lazily: Identity / Neumann(1) never need it
-            vjp = torch.func.vjp(lambda w: self._grad_w(w, self.h), self.w)[1]
+    def _linearise(self) -> tuple[Leaves, Leaves, Leaves]:
+        """∇_w L_T with a graph, w and λ both requiring grad: one forward and one backward pass.
+
+        Every later product is one double-backward pass through this graph, and autograd only
+        walks the paths to the inputs a product asks for (w for Hv, λ for the mixed product), so
+        the mixed product needs no second linearisation.
+        """
+        graph = self._graph
+        if graph is None:
+            with torch.enable_grad():
+                w = tuple(t.detach().requires_grad_() for t in self.w)
+                h = tuple(t.detach().requires_grad_() for t in self.h)
+                g = torch.autograd.grad(self.loss(w, h), w, create_graph=True, allow_unused=True)
+            graph = (w, h, tuple(torch.zeros_like(t) if gi is None else gi for gi, t in zip(g, w)))
             if self.retain:
-                self._vjp = vjp
-        return list(vjp(v)[0])
+                self._graph = graph
+        return graph
+
+    def _product(self, wrt: Leaves, g: Leaves, v: Sequence[Tensor]) -> list[Tensor]:
+        live = [i for i, gi in enumerate(g) if gi.requires_grad]  # leaves with a constant gradient have no path
+        if not live:
+            return [torch.zeros_like(t) for t in wrt]
+        found = torch.autograd.grad(
+            [g[i] for i in live], wrt, [v[i] for i in live], retain_graph=self.retain, allow_unused=True
+        )
+        return [torch.zeros_like(t) if f is None else f for f, t in zip(found, wrt)]
+
+    def _hvp(self, v: Leaves) -> list[Tensor]:
+        w, _, g = self._linearise()
+        return self._product(w, g, v)
 
     def mixed_vjp(self, x: Sequence[Tensor]) -> list[Tensor]:
-        vjp_h = torch.func.vjp(lambda h: self._grad_w(self.w, h), self.h)[1]
-        return list(vjp_h(tuple(x))[0])
+        _, h, g = self._linearise()
+        return self._product(h, g, x)
 
 
 @dataclasses.dataclass(frozen=True)

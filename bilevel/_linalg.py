@@ -55,29 +55,33 @@ def conjugate_gradient(matvec: MatVec, b: Sequence[Tensor], maxiter: int, tol: f
     symmetric; CG is guaranteed to converge only when H + δI is positive definite. If a search
     direction has zero curvature (pᵀ(H+δI)p = 0) the solve stops there, unconverged.
     """
+    # The loop already reads ‖r‖² and pᵀHp on the host to test convergence, so the step sizes are
+    # Python floats and every vector update is one fused in-place pass over the tensors: the
+    # vector arithmetic is O(P) per iteration and, at small batch, a visible share of an HVP.
     x = [torch.zeros_like(t) for t in b]
-    r = list(b)
-    p = list(b)
-    rs = _tree.vdot(r, r)
-    threshold = tol * math.sqrt(float(rs))
+    r = [t.clone() for t in b]
+    p = [t.clone() for t in b]
+    rs = float(_tree.vdot(r, r))
+    threshold = tol * math.sqrt(rs)
     iterations = 0
-    converged = math.sqrt(float(rs)) <= threshold
+    converged = math.sqrt(rs) <= threshold
     while not converged and iterations < maxiter:
         hp = matvec(p)
         if damping:
             _tree.add_(hp, p, damping)
-        curvature = _tree.vdot(p, hp)
+        curvature = float(_tree.vdot(p, hp))
         iterations += 1
-        if float(curvature) == 0.0:
+        if curvature == 0.0:
             break
         step = rs / curvature
-        x = _tree.add(x, _tree.scale(p, step))
-        r = _tree.add(r, _tree.scale(hp, -step))
-        rs_new = _tree.vdot(r, r)
-        converged = math.sqrt(float(rs_new)) <= threshold
-        p = _tree.add(r, _tree.scale(p, rs_new / rs))
+        _tree.add_(x, p, step)  # x ← x + step p
+        _tree.add_(r, hp, -step)  # r ← r − step Hp
+        rs_new = float(_tree.vdot(r, r))
+        converged = math.sqrt(rs_new) <= threshold
+        torch._foreach_mul_(p, rs_new / rs)  # p ← r + (rs_new / rs) p
+        _tree.add_(p, r)
         rs = rs_new
-    return CGResult(x, torch.sqrt(rs), iterations, converged)
+    return CGResult(x, torch.tensor(math.sqrt(rs), dtype=b[0].dtype, device=b[0].device), iterations, converged)
 
 
 def power_iteration(matvec: MatVec, like: Sequence[Tensor], iters: int, seed: int = 0) -> Tensor:
