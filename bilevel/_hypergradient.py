@@ -54,7 +54,8 @@ class HypergradInfo:
             and divergence checks; NaN/inf when the hypergradient is non-finite).
         residual: ‖(H + δI)x − ∂L_V/∂w‖ of the linear solve, or ``None`` where there is no solve
             (``Unroll``) or it was not requested (Neumann/Identity: pass ``residual=True``;
-            costs one HVP).
+            costs one HVP). For CG it is by default the residual carried by the CG recursion (free,
+            but in float32 it can fall below the true residual); ``residual=True`` recomputes it.
         iterations: CG iterations used (CG only).
         converged: whether CG met its tolerance (CG only).
         alpha: the Neumann step size used (resolved when ``alpha="auto"``).
@@ -273,7 +274,8 @@ def hypergradient(
         strategy: [`Neumann`][bilevel.Neumann], [`Identity`][bilevel.Identity],
             [`ConjugateGradient`][bilevel.ConjugateGradient], [`Exact`][bilevel.Exact] or
             [`Unroll`][bilevel.Unroll].
-        residual: also compute ‖Hx − ∂L_V/∂w‖ for Neumann/Identity (one extra HVP).
+        residual: compute the true residual ‖(H + δI)x − ∂L_V/∂w‖ with one extra HVP (Neumann,
+            Identity, and CG, whose free recursive residual can drift below it in float32).
         distributed: ``DataParallel`` to average every gradient and product over ranks, each
             rank passing its own equal-sized shard of the batches (not with ``Unroll``).
         autocast: ``torch.bfloat16`` / ``torch.float16`` to evaluate the losses under
@@ -356,6 +358,9 @@ def ift_hypergradient(
         cg = _linalg.conjugate_gradient(op.hvp, gw, strategy.maxiter, strategy.tol, strategy.damping)
         x = cg.x
         extra.update(residual=cg.residual, iterations=cg.iterations, converged=cg.converged)
+        if residual:  # the recursion's residual drifts from the true one in low precision: recompute
+            hx = _tree.add(op.hvp(x), x, strategy.damping) if strategy.damping else op.hvp(x)
+            extra["residual"] = _tree.norm(_tree.add(hx, gw, -1.0))
     else:  # Exact
         hessian = problem.dense_hessian(train_batch, w, h)
         flat_x, extra["residual"] = _linalg.dense_solve(hessian, _tree.ravel(gw), strategy.damping)

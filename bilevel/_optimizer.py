@@ -212,8 +212,9 @@ class BilevelOptimizer:
         self._alpha_age = 0
         window = strategy.steps if isinstance(strategy, Unroll) else 0
         self._window: collections.deque[tuple[Leaves, Any, Any]] = collections.deque(maxlen=window)
-        # Accelerators: select on device instead of branching on a host bool (no sync per step).
-        self._device_select = self._w[0].device.type != "cpu"
+        # Accelerators: select on device instead of branching on a host bool (no sync per step);
+        # strict mode must decide before changing anything, so it always branches on the host.
+        self._device_select = self._w[0].device.type != "cpu" and not strict
 
     # ------------------------------------------------------------------------------ state
     @property
@@ -272,10 +273,8 @@ class BilevelOptimizer:
         updates, state = self.inner.update(tuple(grads), self._inner_state, params=self._w, inplace=False)
         w = tuple(torchopt.apply_updates(self._w, updates, inplace=False))
         written = [*w, *_float_leaves(state)]
-        if self._window.maxlen:
-            self._window.append((self._w, self._inner_state, batch))
-        self._steps += 1
         if self._device_select:
+            self._record(batch)
             ok = torch.isfinite(loss) & _tree.all_finite(written)
             self._w = tuple(torch.where(ok, new, old) for new, old in zip(w, self._w))
             self._inner_state = optree.tree_map(
@@ -289,6 +288,12 @@ class BilevelOptimizer:
         # Host branch: a cheap sum screen, and the exact check only when the screen fails.
         loss_ok = bool(torch.isfinite(loss))
         applied = loss_ok and (bool(_tree.sum_is_finite(written)) or bool(_tree.all_finite(written)))
+        if not applied and self.strict:  # raise before touching any state: the step did not happen
+            raise NonFiniteError(
+                f"inner step {self._steps + 1}: non-finite loss, weights or optimiser state; "
+                f"the weights, optimiser state and step counter were left unchanged."
+            )
+        self._record(batch)
         if applied:
             self._w, self._inner_state = w, state
             self._check_sync("params after an inner step")
@@ -296,6 +301,12 @@ class BilevelOptimizer:
             self._skipped_inner += 1
             self._report_inner_skips()
         return loss, torch.tensor(applied)
+
+    def _record(self, batch: Any) -> None:
+        """Count the inner step and, for Unroll, remember where it started and on which batch."""
+        if self._window.maxlen:
+            self._window.append((self._w, self._inner_state, batch))
+        self._steps += 1
 
     def _check_sync(self, what: str) -> None:
         parallel = self._problem.parallel
@@ -309,8 +320,6 @@ class BilevelOptimizer:
             return
         self._skipped_inner_warned = skipped
         message = f"{new} inner update(s) skipped: non-finite loss, weights or optimiser state ({skipped} so far)."
-        if self.strict:
-            raise NonFiniteError(message + " The weights and optimiser state were left unchanged.")
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     def _strategy_now(self) -> Strategy:
@@ -335,22 +344,24 @@ class BilevelOptimizer:
             grads, info = unrolled_hypergradient(self._problem, w0, self._h, batches, val_batch, self.inner, state0)
         else:
             grads, info = ift_hypergradient(self._problem, self._w, self._h, train_batch, val_batch, strategy)
-        self._hypersteps += 1
-        self._window.clear()  # the recorded updates used the old hparams
 
         updates, state = self.outer.update(tuple(grads), self._outer_state, params=self._h, inplace=False)
         h = tuple(torchopt.apply_updates(self._h, updates, inplace=False))
-        if not bool(_tree.all_finite([*grads, *h, *_float_leaves(state)])):
-            self._skipped_outer += 1
+        finite = bool(_tree.all_finite([*grads, *h, *_float_leaves(state)]))
+        if not finite:
             message = (
-                f"hyperstep {self._hypersteps} skipped: non-finite hypergradient or update "
+                f"hyperstep {self._hypersteps + 1}: non-finite hypergradient or update "
                 f"(strategy {info.strategy}, {info.hvps} HVPs); hparams and outer state left unchanged."
             )
             if isinstance(strategy, Neumann) and strategy.alpha != "auto":
                 message += " A diverging Neumann series is the usual cause: try a smaller alpha or alpha='auto'."
-            if self.strict:
+            if self.strict:  # raised before any state changes: the hyperstep did not happen
                 raise NonFiniteError(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        self._hypersteps += 1
+        self._window.clear()  # the recorded updates used the old hparams
+        if not finite:
+            self._skipped_outer += 1
+            warnings.warn(message.replace(": non-finite", " skipped: non-finite", 1), RuntimeWarning, stacklevel=3)
             return info, False
         self._h, self._outer_state = h, state
         self._check_sync("hparams after a hyperstep")
@@ -365,6 +376,10 @@ class BilevelOptimizer:
         """Everything needed to resume bitwise: weights, hparams, both optimiser states, counters,
         the cached auto-alpha and the unroll window. Save it with ``torch.save``.
 
+        It holds only plain containers, numbers and tensors (optimiser states as lists of their
+        tensors), so ``torch.load(path)`` reads it with the default ``weights_only=True``, provided
+        your batches (kept for ``Unroll``) are tensors or containers of them.
+
         The global torch RNG is not included: if your losses draw random numbers (dropout,
         augmentation noise), save ``torch.get_rng_state()`` alongside.
         """
@@ -372,8 +387,8 @@ class BilevelOptimizer:
             "version": _STATE_VERSION,
             "params": list(self._w),
             "hparams": list(self._h),
-            "inner_state": self._inner_state,
-            "outer_state": self._outer_state,
+            "inner_state": optree.tree_leaves(self._inner_state),
+            "outer_state": optree.tree_leaves(self._outer_state),
             "steps": self._steps,
             "hypersteps": self._hypersteps,
             "skipped_inner": self._skipped_inner.clone(),
@@ -381,7 +396,7 @@ class BilevelOptimizer:
             "skipped_outer": self._skipped_outer,
             "alpha": self._alpha,
             "alpha_age": self._alpha_age,
-            "window": list(self._window),
+            "window": [(list(w), optree.tree_leaves(st), batch) for w, st, batch in self._window],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -394,21 +409,26 @@ class BilevelOptimizer:
         for key, current in (("params", self._w), ("hparams", self._h)):
             _check_like(state[key], current, key)
         for key, current in (("inner_state", self._inner_state), ("outer_state", self._outer_state)):
-            if optree.tree_structure(state[key]) != optree.tree_structure(current):
-                raise ValueError(f"`state['{key}']` does not match this optimiser's {key.split('_')[0]} optimiser.")
+            _check_like(state[key], optree.tree_leaves(current), key)
+        inner_spec = optree.tree_structure(self._inner_state)
         self._w, self._h = tuple(state["params"]), tuple(state["hparams"])
-        self._inner_state, self._outer_state = state["inner_state"], state["outer_state"]
+        self._inner_state = optree.tree_unflatten(inner_spec, state["inner_state"])
+        self._outer_state = optree.tree_unflatten(optree.tree_structure(self._outer_state), state["outer_state"])
         self._steps, self._hypersteps = state["steps"], state["hypersteps"]
         self._skipped_inner = state["skipped_inner"].clone()
         self._skipped_inner_warned = state["skipped_inner_warned"]
         self._skipped_outer = state["skipped_outer"]
         self._alpha, self._alpha_age = state["alpha"], state["alpha_age"]
         self._window.clear()
-        self._window.extend(state["window"])
+        for w, leaves, batch in state["window"]:
+            self._window.append((tuple(w), optree.tree_unflatten(inner_spec, leaves), batch))
 
 
-def _check_like(loaded: Sequence[Tensor], current: Leaves, name: str) -> None:
+def _check_like(loaded: Sequence[Tensor], current: Sequence[Tensor], name: str) -> None:
     shapes = [tuple(t.shape) for t in loaded]
     expected = [tuple(t.shape) for t in current]
     if shapes != expected:
-        raise ValueError(f"`state['{name}']` has shapes {shapes}; this optimiser's {name} have {expected}.")
+        raise ValueError(
+            f"`state['{name}']` has tensors of shapes {shapes}; this optimiser's {name} has {expected}. "
+            f"Was the state saved from an optimiser with other params, hparams or torchopt optimisers?"
+        )

@@ -357,3 +357,15 @@ def test_info_grad_norm_is_the_norm_of_the_whole_hypergradient():
     for strategy in (bilevel.Neumann(4, 0.3), bilevel.Unroll(2, torchopt.sgd(0.3))):
         grads, info = run(problem, strategy)
         torch.testing.assert_close(info.grad_norm, Ridge.flat(grads).norm(), atol=1e-15, rtol=1e-14)
+
+
+def test_cg_residual_on_request_is_the_true_residual():
+    problem = Ridge.make()
+    grads, info = run(problem, bilevel.ConjugateGradient(maxiter=3, damping=0.1), residual=True)
+    _, free = run(problem, bilevel.ConjugateGradient(maxiter=3, damping=0.1))
+    assert info.hvps == free.hvps + 1
+    # Recover x from the closed form: the hypergradient is −Mᵀx with M = diag(e^λ ⊙ w*) invertible here.
+    x = torch.linalg.solve(problem.mixed().T, -Ridge.flat(grads))
+    true = ((problem.hessian() + 0.1 * torch.eye(7)) @ x - problem.val_grad_w()).norm()
+    torch.testing.assert_close(info.residual, true, atol=1e-12, rtol=1e-9)
+    torch.testing.assert_close(free.residual, true, atol=1e-12, rtol=1e-6)  # float64: the recursion is accurate
