@@ -247,32 +247,6 @@ def accuracy(w: dict, x: Tensor, y: Tensor, device: str) -> float:
 # -------------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: Path | None, state: dict) -> None:
-    """torch.save to a temporary file, then an atomic os.replace (a kill never leaves half a file)."""
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path | None, fingerprint: dict) -> dict | None:
-    if path is None or not path.exists():
-        return None
-    state = torch.load(path, weights_only=False)
-    if state.get("fingerprint") != fingerprint:
-        raise ValueError(
-            f"`--checkpoint {path}` was written by a run with different flags ({state.get('fingerprint')}); "
-            f"use the same flags to resume, or another path."
-        )
-    return state
-
-
-class Stop(Exception):
-    """Raised by --stop-after K after K hyper-periods, simulating a kill (tests of --checkpoint)."""
-
-
 # ------------------------------------------------------------------------------------ training
 
 
@@ -323,9 +297,9 @@ def run(method: str, restart: int, data: dict, cfg: dict, args: argparse.Namespa
                 "gen": gen.get_state(),
                 "torch_rng": torch.get_rng_state(),
             }
-            save_checkpoint(ckpt["path"], _persist(ckpt))
+            common.save_checkpoint(ckpt["path"], _persist(ckpt))
         if stopping:  # like a kill: whatever was not checkpointed is lost
-            raise Stop
+            raise common.Stop
     w = opt.params
     return {
         "val_acc": accuracy(w, data["val_x"], data["val_y"], device),
@@ -465,7 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
     for key in ("checkpoint", "stop_after", "out", "checkpoint_every", "measure_memory"):
         fingerprint.pop(key)
     ckpt: dict[str, Any] = {"fingerprint": fingerprint, "periods": 0, "done": {}, "current": None}
-    loaded = load_checkpoint(args.checkpoint, fingerprint)
+    loaded = common.load_checkpoint(args.checkpoint, fingerprint)
     if loaded is not None:
         ckpt.update(loaded)
     ckpt["path"] = args.checkpoint
@@ -484,14 +458,14 @@ def main(argv: list[str] | None = None) -> dict:
                         method, restart, data, cfg, args, ckpt, lambda run, loss: update(run=run, loss=loss)
                     )
                     ckpt["current"] = None
-                    save_checkpoint(args.checkpoint, _persist(ckpt))
-        except Stop:
+                    common.save_checkpoint(args.checkpoint, _persist(ckpt))
+        except common.Stop:
             return {"stopped_after": ckpt["periods"]}
     if "memory" not in ckpt["done"]:
         ckpt["done"]["memory"] = {
             m: measure_memory(m, _clean_argv(argv), args, data, cfg) for m in ("neumann3", "unroll3")
         }
-        save_checkpoint(args.checkpoint, _persist(ckpt))
+        common.save_checkpoint(args.checkpoint, _persist(ckpt))
     done = ckpt["done"]
     n_hparams = sum(v.numel() for v in done["neumann3/0"]["hparams"].values())
     results = {

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -352,32 +351,6 @@ def rate_summary(hparams: dict) -> dict[str, float]:
 # -------------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: Path | None, state: dict) -> None:
-    """torch.save to a temporary file, then an atomic os.replace (a kill never leaves half a file)."""
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path | None, fingerprint: dict) -> dict | None:
-    if path is None or not path.exists():
-        return None
-    state = torch.load(path, weights_only=False)
-    if state.get("fingerprint") != fingerprint:
-        raise ValueError(
-            f"`--checkpoint {path}` was written by a run with different flags ({state.get('fingerprint')}); "
-            f"use the same flags to resume, or another path."
-        )
-    return state
-
-
-class Stop(Exception):
-    """Raised by --stop-after K after K hyper-periods, simulating a kill (tests of --checkpoint)."""
-
-
 # ----------------------------------------------------------------------------------- training
 
 
@@ -465,9 +438,9 @@ def run(
                 "torch_rng": torch.get_rng_state(),
                 "log": log,
             }
-            save_checkpoint(ckpt["path"], _persist(ckpt))
+            common.save_checkpoint(ckpt["path"], _persist(ckpt))
         if stopping:  # like a kill: whatever was not checkpointed is lost
-            raise Stop
+            raise common.Stop
     if phase == "overfit":
         return {"val_loss": log["val_loss"]}
     final = opt.params
@@ -530,7 +503,7 @@ def main(argv: list[str] | None = None) -> dict:
     for key in ("checkpoint", "stop_after", "out", "checkpoint_every"):
         fingerprint.pop(key)
     ckpt: dict[str, Any] = {"fingerprint": fingerprint, "periods": 0, "done": {}, "current": None}
-    loaded = load_checkpoint(args.checkpoint, fingerprint)
+    loaded = common.load_checkpoint(args.checkpoint, fingerprint)
     if loaded is not None:
         ckpt.update(loaded)
     ckpt["path"] = args.checkpoint
@@ -551,8 +524,8 @@ def main(argv: list[str] | None = None) -> dict:
                     continue
                 ckpt["done"][phase] = run(phase, data, cfg, args, ckpt, track)
                 ckpt["current"] = None
-                save_checkpoint(args.checkpoint, _persist(ckpt))
-        except Stop:
+                common.save_checkpoint(args.checkpoint, _persist(ckpt))
+        except common.Stop:
             return {"stopped_after": ckpt["periods"]}
     done = ckpt["done"]
     results = {

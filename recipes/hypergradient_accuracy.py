@@ -288,19 +288,9 @@ def parse_args(argv: list[str] | None):
     return args
 
 
-def resolve_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"--device {name!r}: not a torch device ({err}); try 'cpu' or 'cuda'.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r}: CUDA is not available on this machine; use --device cpu.")
-    return device
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = resolve_device(args.device)
+    device = recipe_common.resolve_device(args.device)
     start = time.perf_counter()
     # A 49–97-weight model is all per-op overhead: one CPU thread is several times faster than two
     # threads contending for a busy machine. Restored on exit (main() may be called in-process).

@@ -78,6 +78,40 @@ def shard(x: torch.Tensor, y: torch.Tensor, rank: int, world: int) -> tuple[torc
     return x_r, y_r, len(y_r) * world / len(y)
 
 
+# ------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path | None, state: dict) -> None:
+    """torch.save to a temporary file, then an atomic os.replace (a kill never leaves half a file)."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path | None, fingerprint: dict) -> dict | None:
+    """The checkpoint at ``path`` (None if there is none), refusing one written with other flags.
+
+    Recipe checkpoints hold RNG states and results besides ``BilevelOptimizer.state_dict()``; they
+    are files the recipe wrote itself, hence ``weights_only=False``.
+    """
+    if path is None or not path.exists():
+        return None
+    state = torch.load(path, weights_only=False)
+    if state.get("fingerprint") != fingerprint:
+        raise ValueError(
+            f"`--checkpoint {path}` was written by a run with different flags ({state.get('fingerprint')}); "
+            f"use the same flags to resume, or another path."
+        )
+    return state
+
+
+class Stop(Exception):
+    """Raised by --stop-after K after K hyper-periods, simulating a kill (tests of --checkpoint)."""
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python and torch; return a CPU generator for data order."""
     random.seed(seed)

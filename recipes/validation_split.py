@@ -207,19 +207,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def resolve_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"--device {name!r}: not a torch device ({err}); try 'cpu' or 'cuda'.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r}: CUDA is not available on this machine; use --device cpu.")
-    return device
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    device = resolve_device(args.device)
+    device = recipe_common.resolve_device(args.device)
     threads = torch.get_num_threads()
     if device.type == "cpu":
         # 64×10 weights: on a small, shared CPU, extra threads cost more in synchronisation than they
