@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="inner (classifier) steps per run")
     p.add_argument("--inner-steps", type=int, default=5, help="inner steps per hyperstep (N, >= 3 for Unroll(3))")
     p.add_argument("--width", type=int, default=None, help="channels of the first U-Net / ResNet stage")
+    p.add_argument(
+        "--classifier",
+        default="small",
+        choices=["small", "resnet18"],
+        help="classifier: the small ResNet (default) or the paper's ResNet-18 layout (for CIFAR-10 on a GPU)",
+    )
     p.add_argument("--n-train", type=int, default=None, help="training examples (the rest of train is validation)")
     p.add_argument("--checkpoint", type=Path, default=None, help="save/resume file")
     p.add_argument("--checkpoint-every", type=int, default=10, help="hyper-periods between checkpoint saves")
@@ -103,6 +109,7 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
         "hlr": 3e-3,
         "alpha": 1e-2,  # Neumann / Identity step size (≈ 1/λ_max of the training Hessian; see docs)
         "checkpoint_every": args.checkpoint_every,
+        "classifier": args.classifier,
     }
     for key in ("restarts", "steps", "inner_steps", "width", "n_train", "checkpoint_every"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
@@ -177,7 +184,48 @@ def init_resnet(channels: int, width: int, classes: int = 10) -> dict[str, Tenso
     return p
 
 
+def init_resnet18(channels: int, classes: int = 10, base: int = 64) -> dict[str, Tensor]:
+    """The paper's ResNet-18 layout for 32×32 images: a 3×3 stem, then 4 stages of 2 basic blocks with
+    base·(1, 2, 4, 8) channels (11.2M weights at base 64).
+
+    Without batch norm: its running statistics are state outside (params, hparams), so like the small
+    ResNet each block's second convolution is damped at initialisation instead.
+    """
+    p = {}
+    p["stem.w"], p["stem.b"] = _conv(base, channels)
+    c_in = base
+    for stage, mult in enumerate((1, 2, 4, 8)):
+        c = base * mult
+        for block in range(2):
+            pre = f"l{stage}.{block}"
+            p[f"{pre}.a.w"], p[f"{pre}.a.b"] = _conv(c, c_in)
+            p[f"{pre}.b.w"], p[f"{pre}.b.b"] = _conv(c, c)
+            p[f"{pre}.b.w"] *= 0.1
+            if c != c_in:  # first block of stages 2–4: strided, with a 1×1 projection shortcut
+                p[f"{pre}.s.w"], p[f"{pre}.s.b"] = _conv(c, c_in, k=1)
+            c_in = c
+    bound = 1.0 / math.sqrt(c_in)
+    p["fc.w"] = torch.empty(classes, c_in).uniform_(-bound, bound)
+    p["fc.b"] = torch.zeros(classes)
+    return p
+
+
+def _classify_resnet18(w: dict[str, Tensor], x: Tensor) -> Tensor:
+    h = F.relu(F.conv2d(x, w["stem.w"], w["stem.b"], padding=1))
+    for stage in range(4):
+        for block in range(2):
+            pre = f"l{stage}.{block}"
+            stride = 2 if f"{pre}.s.w" in w else 1
+            r = F.relu(F.conv2d(h, w[f"{pre}.a.w"], w[f"{pre}.a.b"], padding=1, stride=stride))
+            r = F.conv2d(r, w[f"{pre}.b.w"], w[f"{pre}.b.b"], padding=1)
+            shortcut = F.conv2d(h, w[f"{pre}.s.w"], w[f"{pre}.s.b"], stride=2) if stride == 2 else h
+            h = F.relu(shortcut + r)
+    return F.adaptive_avg_pool2d(h, 1).flatten(1) @ w["fc.w"].T + w["fc.b"]
+
+
 def classify(w: dict[str, Tensor], x: Tensor) -> Tensor:
+    if "l0.0.a.w" in w:
+        return _classify_resnet18(w, x)
     h = F.relu(F.conv2d(x, w["stem.w"], w["stem.b"], padding=1))
     r = F.relu(F.conv2d(h, w["b1a.w"], w["b1a.b"], padding=1))
     h = F.relu(h + F.conv2d(r, w["b1b.w"], w["b1b.b"], padding=1))
@@ -253,7 +301,8 @@ def accuracy(w: dict, x: Tensor, y: Tensor, device: str) -> float:
 def build(method: str, data: dict, cfg: dict, run_seed: int, device: str) -> bilevel.BilevelOptimizer:
     torch.manual_seed(run_seed)  # same classifier and U-Net initialisation for every method
     channels = data["x"].shape[1]
-    w = {k: v.to(device) for k, v in init_resnet(channels, 2 * cfg["width"]).items()}
+    init = init_resnet18(channels) if cfg["classifier"] == "resnet18" else init_resnet(channels, 2 * cfg["width"])
+    w = {k: v.to(device) for k, v in init.items()}
     lam = {k: v.to(device) for k, v in init_unet(channels, cfg["width"]).items()}
     return bilevel.BilevelOptimizer(
         train_loss,

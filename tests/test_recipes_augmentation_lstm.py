@@ -275,3 +275,28 @@ def test_checkpoint_from_other_flags_is_refused(tmp_path):
     torch.save({"fingerprint": {"quick": False}}, path)
     with pytest.raises(ValueError, match="different flags"):
         dropout_lstm.main(["--quick", "--checkpoint", str(path), "--out", str(tmp_path)])
+
+
+def test_resnet18_layout_and_a_hypergradient_through_it():
+    """--classifier resnet18: the paper's layout (17 3×3 convs, 3 projection shortcuts, fc), usable by bilevel."""
+    full = augmentation.init_resnet18(3)
+    convs = [k for k in full if k.endswith(".w") and full[k].dim() == 4]
+    assert sum(full[k].shape[-1] == 3 for k in convs) == 17 and sum(full[k].shape[-1] == 1 for k in convs) == 3
+    assert full["fc.w"].shape == (10, 512)
+    assert 11_000_000 < sum(v.numel() for v in full.values()) < 11_300_000  # ResNet-18's ~11.2M weights
+    torch.manual_seed(0)
+    w = augmentation.init_resnet18(3, base=4)  # narrow copy of the same layout, for speed
+    lam = augmentation.init_unet(3, 2)
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    assert augmentation.classify(w, x).shape == (4, 10)
+    grads, info = bilevel.hypergradient(
+        augmentation.train_loss,
+        augmentation.val_loss,
+        w,
+        lam,
+        (x, y, torch.randn(4, 1, 32, 32)),
+        (x, y),
+        strategy=bilevel.Neumann(steps=3, alpha=1e-2),
+    )
+    assert info.hvps == 2 and torch.isfinite(info.grad_norm) and float(info.grad_norm) > 0
+    assert grads.keys() == lam.keys()
