@@ -54,7 +54,19 @@ class _Operator(abc.ABC):
 
 
 class HVP(abc.ABC):
-    """Base of the HVP configurations; pass an instance as the ``hvp=`` field of a strategy."""
+    r"""Base of the HVP configurations; pass an instance as the ``hvp=`` field of a strategy.
+
+    Every configuration provides, at one point (w, λ), the two linear maps an IFT strategy needs:
+    \(v \mapsto Hv\) with \(H = \partial^2 L_T/\partial w\,\partial w^\top\), and
+    \(x \mapsto (\partial^2 L_T/\partial w\,\partial\lambda^\top)^\top x\). The three concrete ones are
+    [`ReverseHVP`][bilevel.ReverseHVP] (default), [`ForwardOverReverseHVP`][bilevel.ForwardOverReverseHVP]
+    and [`FiniteDifferenceHVP`][bilevel.FiniteDifferenceHVP].
+
+    Example:
+        >>> import bilevel
+        >>> isinstance(bilevel.Neumann(steps=5, alpha=0.1).hvp, bilevel.HVP)
+        True
+    """
 
     @abc.abstractmethod
     def build(self, loss: LeafLoss, w: Leaves, h: Leaves, *, retain: bool = True) -> _Operator:
