@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,13 +24,23 @@ def ranks(tmp_path_factory) -> list[dict]:
     """Run tests/dist_worker.py on 2 gloo ranks once; each rank saves what it computed."""
     tmp_path = tmp_path_factory.mktemp("dist")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
-    context = mp.start_processes(
-        dist_worker.run,
-        args=(2, str(tmp_path / "store"), str(tmp_path)),
-        nprocs=2,
-        join=False,
-        start_method="spawn",
-    )
+    # Spawned children import tests.dist_worker by name, with the parent's sys.path: make the
+    # repository root importable there whatever the pytest import mode did in this process.
+    root = str(Path(__file__).resolve().parents[1])
+    added = root not in sys.path
+    if added:
+        sys.path.insert(0, root)
+    try:
+        context = mp.start_processes(
+            dist_worker.run,
+            args=(2, str(tmp_path / "store"), str(tmp_path)),
+            nprocs=2,
+            join=False,
+            start_method="spawn",
+        )
+    finally:
+        if added:
+            sys.path.remove(root)
     deadline = time.monotonic() + TIMEOUT
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
