@@ -1,12 +1,15 @@
-"""Hessian-vector products of the training loss, built on torch.func.
+"""Hessian-vector products of the training loss, from PyTorch's autograd and torch.func.
 
 Every IFT strategy needs two linear maps of the training loss L_T at (w, λ):
 
 * the Hessian-vector product  v ↦ H v,  H = ∂²L_T/∂w∂wᵀ  (many times, inside the solve), and
 * the mixed product           x ↦ (∂²L_T/∂w∂λᵀ)ᵀ x = ∇_λ ⟨∇_w L_T(w, λ), x⟩  (once, at the end).
 
-Three ways to get them are offered as small frozen configs; the default, ``ReverseHVP``,
-was the fastest in our measurements (docs/benchmarks.md).
+Three ways to get them are offered as small frozen configs. The default, ``ReverseHVP``, takes
+both from one autograd graph of ∇_w L_T; a first version reused a ``torch.func.vjp`` linearisation
+instead, which cannot restrict a product to w or to λ and so needed a second linearisation for the
+mixed product: the one-graph version measured 0.83–0.96× its time (docs/benchmarks.md). The other
+two modes are built on ``torch.func`` (forward-mode ``jvp``; first-order ``grad`` only).
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ class HVP(abc.ABC):
 
 @dataclasses.dataclass(frozen=True)
 class ReverseHVP(HVP):
-    r"""Reverse-over-reverse HVPs from one linearisation reused for every product.
+    r"""Reverse-over-reverse HVPs from one autograd graph reused for every product.
 
     $$
     Hv = \Big(v^\top \frac{\partial \nabla_w L_T(w, \lambda)}{\partial w}\Big)^{\!\top},
