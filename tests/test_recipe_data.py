@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
-import pickle
 import struct
 from pathlib import Path
 
@@ -12,27 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from tests.recipe_helpers import load_recipe, write_cifar_batch, write_idx
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_module():
-    spec = importlib.util.spec_from_file_location("recipe_data", ROOT / "recipes" / "recipe_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-data = _load_module()
-
-
-def write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
-    """IDX: 0x00 0x00 <type 0x08 = ubyte> <ndim>, big-endian uint32 dims, then raw bytes."""
-    payload = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
-    if compress:
-        path = path.with_name(path.name + ".gz")
-        path.write_bytes(gzip.compress(payload))
-    else:
-        path.write_bytes(payload)
+data = load_recipe("recipe_data")
 
 
 @pytest.mark.parametrize("compress", [False, True], ids=["raw", "gzip"])
@@ -69,8 +51,7 @@ def test_cifar10_pickle_batches_round_trip(tmp_path):
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         pixels = rng.integers(0, 256, size=(2, 3072), dtype=np.uint8)
         labels = [int(v) for v in rng.integers(0, 10, size=2)]
-        with open(folder / name, "wb") as f:  # the original batches are pickled dicts with bytes keys
-            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": pixels, b"filenames": []}, f)
+        write_cifar_batch(folder / name, pixels, labels, batch_label=name.encode(), filenames=[])
         written[name] = (pixels, labels)
     x, y = data.load_cifar10(tmp_path, "train")  # the parent folder works too
     assert x.shape == (10, 3, 32, 32) and y.tolist() == [v for i in range(1, 6) for v in written[f"data_batch_{i}"][1]]

@@ -6,33 +6,17 @@ would run it; the assertions read the results.json it writes.
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
 import json
-import pickle
-import struct
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+from tests.recipe_helpers import load_recipe, write_cifar_batch, write_idx
 
-
-def _load(name: str):
-    """Import recipes/<name>.py the way `python recipes/<name>.py` does (its folder on sys.path)."""
-    if str(RECIPES) not in sys.path:
-        sys.path.insert(0, str(RECIPES))
-    spec = importlib.util.spec_from_file_location(f"_recipe_{name}", RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-accuracy = _load("hypergradient_accuracy")
-overfit = _load("overfit_validation")
+accuracy = load_recipe("hypergradient_accuracy")
+overfit = load_recipe("overfit_validation")
 
 
 def _read(out: Path) -> dict:
@@ -162,12 +146,6 @@ def test_overfit_bad_flags_are_clear(capsys, tmp_path):
         overfit.main(["--quick", "--dataset", "mnist", "--out", str(tmp_path)])
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    """IDX: bytes 0, 0, dtype code 0x08 (ubyte), ndim; big-endian uint32 sizes; raw data."""
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
-
-
 def test_overfit_runs_on_mnist_idx_files(tmp_path):
     """--dataset mnist reads the four IDX files; 28×28 inputs give 7 850 decays for the linear model."""
     rng = np.random.default_rng(0)
@@ -175,8 +153,8 @@ def test_overfit_runs_on_mnist_idx_files(tmp_path):
     data.mkdir()
     for prefix, n in (("train", 120), ("t10k", 30)):
         labels = np.arange(n) % 10
-        _write_idx(data / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", labels)
+        write_idx(data / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), compress=True)
+        write_idx(data / f"{prefix}-labels-idx1-ubyte", labels, compress=True)
     out = tmp_path / "out"
     args = ["--dataset", "mnist", "--data-dir", str(data), "--models", "linear", "--steps", "20", "--out", str(out)]
     results = overfit.main(args)
@@ -193,8 +171,7 @@ def test_overfit_runs_on_cifar10_pickle_batches(tmp_path):
     data = tmp_path / "cifar-10-batches-py"
     data.mkdir()
     for name, n in [*((f"data_batch_{i}", 20) for i in range(1, 6)), ("test_batch", 20)]:
-        batch = {b"data": rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8), b"labels": list(np.arange(n) % 10)}
-        (data / name).write_bytes(pickle.dumps(batch))
+        write_cifar_batch(data / name, rng.integers(0, 256, (n, 3 * 32 * 32)), list(np.arange(n) % 10))
     out = tmp_path / "out"
     args = [
         "--dataset",
@@ -224,7 +201,7 @@ def test_overfit_rejects_too_few_images_per_class(tmp_path):
     data = tmp_path / "mnist"
     data.mkdir()
     for prefix, n in (("train", 50), ("t10k", 10)):  # 5 per class: not enough for 5 train + 5 val
-        _write_idx(data / f"{prefix}-images-idx3-ubyte.gz", np.zeros((n, 28, 28)))
-        _write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+        write_idx(data / f"{prefix}-images-idx3-ubyte", np.zeros((n, 28, 28)), compress=True)
+        write_idx(data / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10, compress=True)
     with pytest.raises(ValueError, match="needs >= 10 training images"):
         overfit.main(["--dataset", "mnist", "--data-dir", str(data), "--out", str(tmp_path / "out")])

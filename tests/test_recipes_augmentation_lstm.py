@@ -7,32 +7,22 @@ loaders on tiny files written here in PTB format, and clear errors for bad flags
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.recipe_helpers import load_recipe
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 
 
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-text_data = _load("text_data")
-augmentation = _load("augmentation")
-dropout_lstm = _load("dropout_lstm")
+text_data = load_recipe("text_data")
+augmentation = load_recipe("augmentation")
+dropout_lstm = load_recipe("dropout_lstm")
 
 import bilevel  # noqa: E402
 
@@ -261,7 +251,7 @@ def test_dropout_lstm_resume_is_exact(lstm_runs):
 )
 def test_bad_flags_raise_clear_errors(module, argv, match):
     with pytest.raises(ValueError, match=match):
-        _load(module).main(argv)
+        load_recipe(module).main(argv)
 
 
 def test_unknown_choice_is_an_argparse_error(capsys):

@@ -8,32 +8,16 @@ files written here in the exact on-disk formats (IDX, python pickle batches).
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pickle
-import struct
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.recipe_helpers import load_recipe, write_cifar_batch, write_idx
 
-
-def _load(name: str):
-    """Import recipes/<name>.py as the script would run: with recipes/ on sys.path."""
-    recipes = str(ROOT / "recipes")
-    if recipes not in sys.path:
-        sys.path.insert(0, recipes)
-    spec = importlib.util.spec_from_file_location(f"_recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-distillation = _load("distillation")
-validation_split = _load("validation_split")
+distillation = load_recipe("distillation")
+validation_split = load_recipe("validation_split")
 
 DISTILLATION_KEYS = {"n_hparams", "test_acc_distilled", "test_acc_random_real", "test_acc_full_data"}
 
@@ -80,11 +64,6 @@ def test_distillation_full_run_matches_the_paper_qualitatively(tmp_path):
     assert results["test_acc_distilled"] > results["test_acc_random_real"] + 0.2
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    """IDX: two zero bytes, type 0x08 (ubyte), ndim, big-endian uint32 sizes, raw bytes."""
-    path.write_bytes(bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes())
-
-
 def _class_images(rng: np.random.Generator, n: int, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images whose mean brightness pattern depends on the label (so the task is learnable)."""
     labels = np.arange(n) % 10
@@ -97,8 +76,8 @@ def test_distillation_reads_mnist_idx_files(tmp_path):
     rng = np.random.default_rng(0)
     for prefix, n in (("train", 120), ("t10k", 60)):
         images, labels = _class_images(rng, n, (28, 28))
-        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", images)
-        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", labels)
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", labels)
     out = tmp_path / "out"
     argv = ["--quick", "--dataset", "mnist", "--data-dir", str(tmp_path), "--out", str(out)]
     results = distillation.main([*argv, "--hypersteps", "3", "--draws", "1", "--val-batch", "50"])
@@ -112,8 +91,7 @@ def test_distillation_reads_cifar10_pickle_batches(tmp_path):
     folder.mkdir()
     for name, n in [*((f"data_batch_{i}", 20) for i in range(1, 6)), ("test_batch", 30)]:
         images, labels = _class_images(rng, n, (3 * 32 * 32,))
-        with open(folder / name, "wb") as f:
-            pickle.dump({b"data": images, b"labels": labels.tolist()}, f)
+        write_cifar_batch(folder / name, images, labels.tolist())
     out = tmp_path / "out"
     argv = ["--quick", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(out)]
     results = distillation.main([*argv, "--hypersteps", "3", "--draws", "1"])
