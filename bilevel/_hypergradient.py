@@ -12,17 +12,19 @@ solve x ≈ H⁻¹ ∂L_V/∂w using Hessian-vector products, and one mixed vect
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import optree
 import torch
-import torchopt
 from torch import Tensor
 
 from bilevel import _linalg, _tree
 from bilevel._distributed import DataParallel, parts
-from bilevel._hvp import HVP, MeanOperator, ReducedOperator, ReverseHVP, _Operator
+from bilevel._hvp import ReverseHVP
+from bilevel._problem import Loss, Problem
 from bilevel._strategies import (
     STRATEGIES,
     ConjugateGradient,
@@ -32,9 +34,8 @@ from bilevel._strategies import (
     Strategy,
     Unroll,
 )
+from bilevel._transform import Transformation
 from bilevel._tree import Leaves
-
-Loss = Callable[[Any, Any, Any], Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,8 @@ class HypergradInfo:
             ``"unroll"``).
         hvps: Hessian-vector products applied (power iteration and residual included; for
             ``Exact`` the P columns of the dense Hessian).
+        power_hvps: how many of ``hvps`` estimated the spectral radius for ``alpha="auto"`` (0 when α
+            was given, or reused from an earlier hyperstep by ``BilevelOptimizer``).
         val_loss: L_V at the given params and hparams (unrolled params for ``Unroll``).
         grad_norm: ‖dL_V/dλ‖, the Euclidean norm of the whole hypergradient (for progress bars
             and divergence checks; NaN/inf when the hypergradient is non-finite).
@@ -61,6 +64,17 @@ class HypergradInfo:
         alpha: the Neumann step size used (resolved when ``alpha="auto"``).
         lambda_max: the power-iteration estimate of the Hessian's spectral radius
             (``alpha="auto"`` only).
+        growth: Neumann only: ‖(I − αH)^{steps−1} v‖ / ‖v‖, the size of the series' last term
+            relative to its first (v = ∂L_V/∂w). It is ≤ 1 whenever the series converges
+            (0 ≤ αμ ≤ 2 for every eigenvalue μ of H); above 1 the series grows along some
+            direction. Free: the solve computes the last term anyway.
+        diverging: Neumann only, a bool tensor: the terms grow with alternating sign, the signature
+            of α too large for the top of the spectrum (αμ_max > 2); the hypergradient is then
+            wrong, often by orders of magnitude. Growth with ``diverging`` False comes from negative
+            curvature (μ < 0: not at a minimum), which no α cures; see docs/debugging.md.
+        failure: why the hypergradient could not be computed (its entries are then NaN), e.g. a
+            singular Hessian for ``Exact`` or a zero Hessian for ``alpha="auto"``; ``None`` when it
+            was.
 
     Example:
         >>> import torch, bilevel
@@ -84,142 +98,10 @@ class HypergradInfo:
     converged: bool | None = None
     alpha: float | None = None
     lambda_max: float | None = None
-
-
-def _checked(loss: Any, name: str) -> Loss:
-    if not callable(loss):
-        raise TypeError(
-            f"`{name}` must be a callable (params, hparams, batch) -> scalar Tensor, got {type(loss).__name__}."
-        )
-
-    def checked(params: Any, hparams: Any, batch: Any) -> Tensor:
-        out = loss(params, hparams, batch)
-        if not isinstance(out, Tensor):
-            raise TypeError(f"`{name}` must return a scalar torch.Tensor, got {type(out).__name__}.")
-        if out.ndim != 0:
-            raise ValueError(
-                f"`{name}` must return a scalar (0-dim) Tensor, got shape {tuple(out.shape)}; "
-                f"reduce it with .mean() or .sum()."
-            )
-        return out
-
-    return checked
-
-
-_AUTOCAST_DTYPES = (torch.float16, torch.bfloat16)
-
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    """A bilevel problem on flat leaves: the losses, the tree structures, and how losses are evaluated
-    (autocast dtype, data-parallel group). Every gradient and product of the core is taken through it."""
-
-    train_loss: Loss
-    val_loss: Loss
-    params_spec: optree.PyTreeSpec
-    hparams_spec: optree.PyTreeSpec
-    device_type: str = "cpu"
-    autocast: torch.dtype | None = None
-    parallel: DataParallel | None = None
-
-    @classmethod
-    def create(
-        cls,
-        train_loss: Any,
-        val_loss: Any,
-        params: Any,
-        hparams: Any,
-        *,
-        autocast: torch.dtype | None = None,
-        distributed: DataParallel | None = None,
-    ) -> tuple[Problem, Leaves, Leaves]:
-        """Validate user inputs; return the problem and detached param and hparam leaves."""
-        w, params_spec = _tree.flatten(params, "params", floating=True)
-        h, hparams_spec = _tree.flatten(hparams, "hparams", floating=True)
-        device = _tree.check_same_device(params=w, hparams=h)
-        if autocast is not None and autocast not in _AUTOCAST_DTYPES:
-            raise ValueError(
-                f"`autocast={autocast!r}`: expected None, torch.bfloat16 (CPU or CUDA) or torch.float16 (CUDA)."
-            )
-        if distributed is not None:
-            if not isinstance(distributed, DataParallel):
-                raise TypeError(f"`distributed` must be None or bilevel.DataParallel(...), got {distributed!r}.")
-            distributed.validate()
-        checked_train, checked_val = _checked(train_loss, "train_loss"), _checked(val_loss, "val_loss")
-        problem = cls(checked_train, checked_val, params_spec, hparams_spec, device.type, autocast, distributed)
-        return problem, w, h
-
-    def on(self, loss: Loss, batch: Any) -> Callable[[Leaves, Leaves], Tensor]:
-        """``loss`` as a function of (param leaves, hparam leaves) on one fixed (micro-)batch."""
-        params_spec, hparams_spec, dtype = self.params_spec, self.hparams_spec, self.autocast
-
-        def f(w: Leaves, h: Leaves) -> Tensor:
-            if dtype is None:
-                return loss(_tree.unflatten(params_spec, w), _tree.unflatten(hparams_spec, h), batch)
-            with torch.autocast(self.device_type, dtype=dtype):
-                out = loss(_tree.unflatten(params_spec, w), _tree.unflatten(hparams_spec, h), batch)
-            # The solve runs in the params' precision; only the loss evaluation is in low precision.
-            return out.float() if out.dtype in _AUTOCAST_DTYPES else out
-
-        return f
-
-    def value_and_grad(
-        self, loss: Loss, batch: Any, w: Leaves, h: Leaves, argnums: tuple[int, ...]
-    ) -> tuple[list[list[Tensor]], Tensor]:
-        """Gradients of ``loss`` w.r.t. the leaves in ``argnums`` (0: params, 1: hparams) and its value,
-        averaged over micro-batches and, when data-parallel, over ranks."""
-        grads: list[list[Tensor]] | None = None
-        value: Tensor | None = None
-        pieces = parts(batch)
-        for piece in pieces:
-            g, v = torch.func.grad_and_value(self.on(loss, piece), argnums=argnums)(w, h)
-            if grads is None or value is None:
-                grads, value = [list(x) for x in g], v
-            else:
-                for acc, new in zip(grads, g):
-                    _tree.add_(acc, new)
-                value = value + v
-        assert grads is not None and value is not None  # parts() is never empty
-        if len(pieces) > 1:
-            grads = [_tree.scale(acc, 1.0 / len(pieces)) for acc in grads]
-            value = value / len(pieces)
-        if self.parallel is not None:
-            sizes = [len(acc) for acc in grads]
-            flat = self.parallel.mean([*(t for acc in grads for t in acc), value.detach()])
-            value, grads = flat[-1], []
-            for size in sizes:
-                grads.append(flat[:size])
-                flat = flat[size:]
-        return grads, value.detach()
-
-    def operator(self, hvp: HVP, batch: Any, w: Leaves, h: Leaves) -> _Operator:
-        """The training loss's HVP / mixed-product operator, averaged like :meth:`value_and_grad`."""
-        pieces = parts(batch)
-        ops = [hvp.build(self.on(self.train_loss, piece), w, h, retain=len(pieces) == 1) for piece in pieces]
-        op = ops[0] if len(ops) == 1 else MeanOperator(ops)
-        return op if self.parallel is None else ReducedOperator(op, self.parallel)
-
-    def dense_hessian(self, batch: Any, w: Leaves, h: Leaves) -> Tensor:
-        """∂²L_T/∂w∂wᵀ as a dense matrix over the concatenated params, averaged like the rest."""
-        flat_w = _tree.ravel(w)
-        total: Tensor | None = None
-        for piece in parts(batch):
-            train_f = self.on(self.train_loss, piece)
-
-            def on_flat(flat: Tensor, train_f: Callable[[Leaves, Leaves], Tensor] = train_f) -> Tensor:
-                return train_f(tuple(_tree.unravel(flat, w)), h)
-
-            hessian = torch.func.hessian(on_flat)(flat_w)
-            total = hessian if total is None else total + hessian
-        assert total is not None
-        total = total / len(parts(batch))
-        return total if self.parallel is None else self.parallel.mean([total])[0]
-
-    def params(self, w: Sequence[Tensor]) -> Any:
-        return _tree.unflatten(self.params_spec, w)
-
-    def hparams(self, h: Sequence[Tensor]) -> Any:
-        return _tree.unflatten(self.hparams_spec, h)
+    power_hvps: int = 0
+    growth: Tensor | None = None
+    diverging: Tensor | None = None
+    failure: str | None = None
 
 
 def check_unroll_distributed(strategy: Strategy, distributed: Any) -> None:
@@ -312,18 +194,43 @@ def hypergradient(
     check_unroll_distributed(strategy, distributed)
     problem, w, h = Problem.create(train_loss, val_loss, params, hparams, autocast=autocast, distributed=distributed)
     if isinstance(strategy, Unroll):
-        grads, info = unrolled_hypergradient(
-            problem,
-            w,
-            h,
-            [train_batch] * strategy.steps,
-            val_batch,
-            strategy.optimizer,
-            strategy.optimizer.init(w),
-        )
+        if strategy.optimizer is None:
+            raise ValueError(
+                "`Unroll(steps, optimizer=None)` in `hypergradient`: say which inner updates to differentiate "
+                "through, e.g. Unroll(steps=5, optimizer=torchopt.sgd(lr=0.1)). (BilevelOptimizer unrolls its own "
+                "inner optimiser and needs none.)"
+            )
+        transformation = Transformation(strategy.optimizer)
+        state = transformation.init(problem.params(w))
+        steps = [(k > 0, train_batch) for k in range(strategy.steps)]  # a fresh optimiser: started after one
+        grads, info = unrolled_hypergradient(problem, w, state, h, steps, val_batch, transformation)
     else:
+        check_exact_fits(strategy, w)
         grads, info = ift_hypergradient(problem, w, h, train_batch, val_batch, strategy, residual=residual)
+    if info.failure is not None:
+        warnings.warn(f"hypergradient: {info.failure}", RuntimeWarning, stacklevel=2)
     return problem.hparams(grads), info
+
+
+def check_exact_fits(strategy: Strategy, w: Leaves) -> None:
+    """Refuse ``Exact`` up front when its dense P×P Hessian alone exceeds the device's memory."""
+    if not isinstance(strategy, Exact):
+        return
+    n = sum(t.numel() for t in w)
+    need = n * n * w[0].element_size()
+    device = w[0].device
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+    elif hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:  # no portable way to ask: let the allocator decide
+        return
+    if need > have:
+        raise ValueError(
+            f"`strategy=Exact()`: the dense Hessian of {n:,} parameters needs {need / 2**30:,.1f} GiB "
+            f"({n:,}² × {w[0].element_size()} bytes), more than this {device.type} device's "
+            f"{have / 2**30:,.1f} GiB. Use ConjugateGradient or Neumann, which never form it."
+        )
 
 
 def ift_hypergradient(
@@ -336,22 +243,42 @@ def ift_hypergradient(
     *,
     residual: bool = False,
 ) -> tuple[list[Tensor], HypergradInfo]:
-    """IFT hypergradient on flat leaves; see :func:`hypergradient`."""
+    """IFT hypergradient on flat leaves; see :func:`hypergradient`.
+
+    A hypergradient that cannot be computed (a zero or non-finite spectral radius for
+    ``alpha="auto"``, a singular Hessian for ``Exact``) comes back as NaN with ``info.failure``
+    saying why; callers decide whether to skip, warn or raise.
+    """
     (gw, gh), val = problem.value_and_grad(problem.val_loss, val_batch, w, h, argnums=(0, 1))
     name = strategy.name
     if isinstance(strategy, Identity):
         strategy = strategy.as_neumann()
     op = problem.operator(ReverseHVP() if isinstance(strategy, Exact) else strategy.hvp, train_batch, w, h)
     extra: dict[str, Any] = {}
+    failure: str | None = None
 
     if isinstance(strategy, Neumann):
         alpha = strategy.alpha
         if alpha == "auto":
-            lam = float(_linalg.power_iteration(op.hvp, w, strategy.power_iters))
-            alpha = 1.0 / lam
-            extra["lambda_max"] = lam
-        x, _ = _linalg.neumann(op.hvp, gw, strategy.steps, alpha)
-        extra["alpha"] = alpha
+            radius = float(_linalg.power_iteration(op.hvp, w, strategy.power_iters))
+            extra.update(lambda_max=radius, power_hvps=strategy.power_iters)
+            if not (math.isfinite(radius) and radius > 0):
+                failure = (
+                    f"alpha='auto' found a spectral radius of {radius} for the training Hessian "
+                    f"({'zero curvature along every direction tried' if radius == 0 else 'non-finite products'}), "
+                    f"so α = 1/radius is undefined. "
+                    + (
+                        "With a locally linear loss (hinge, L1, dead ReLUs) H⁻¹ does not exist: add curvature "
+                        "(weight decay) or use ConjugateGradient(damping=...) or Identity(alpha)."
+                        if radius == 0
+                        else "Check the training loss for NaN/Inf at these weights."
+                    )
+                )
+                return _failed(problem, h, name, op.hvps, val, failure, extra)
+            alpha = 1.0 / radius
+        series = _linalg.neumann(op.hvp, gw, strategy.steps, alpha)
+        x = series.x
+        extra.update(alpha=alpha, growth=series.growth, diverging=series.diverging)
         if residual:
             extra["residual"] = _tree.norm(_tree.add(op.hvp(x), gw, -1.0))
     elif isinstance(strategy, ConjugateGradient):
@@ -363,26 +290,44 @@ def ift_hypergradient(
             extra["residual"] = _tree.norm(_tree.add(hx, gw, -1.0))
     else:  # Exact
         hessian = problem.dense_hessian(train_batch, w, h)
-        flat_x, extra["residual"] = _linalg.dense_solve(hessian, _tree.ravel(gw), strategy.damping)
-        x = _tree.unravel(flat_x, w)
         op.hvps += hessian.shape[0]
+        try:
+            flat_x, extra["residual"] = _linalg.dense_solve(hessian, _tree.ravel(gw), strategy.damping)
+        except torch.linalg.LinAlgError as err:
+            failure = (
+                f"Exact(damping={strategy.damping}): the training Hessian (+ damping) is singular ({err}). "
+                f"Add damping, e.g. Exact(damping=1e-6), or use ConjugateGradient(damping=...)."
+            )
+            return _failed(problem, h, name, op.hvps, val, failure, extra)
+        x = _tree.unravel(flat_x, w)
 
     grads = _tree.add(gh, op.mixed_vjp(x), -1.0)
     return grads, HypergradInfo(strategy=name, hvps=op.hvps, val_loss=val, grad_norm=_tree.norm(grads), **extra)
 
 
+def _failed(
+    problem: Problem, h: Leaves, name: str, hvps: int, val: Tensor, failure: str, extra: dict[str, Any]
+) -> tuple[list[Tensor], HypergradInfo]:
+    grads = [torch.full_like(t, math.nan) for t in h]
+    nan = torch.full_like(val, math.nan)
+    return grads, HypergradInfo(strategy=name, hvps=hvps, val_loss=val, grad_norm=nan, failure=failure, **extra)
+
+
 def unrolled_hypergradient(
     problem: Problem,
     w: Leaves,
-    h: Leaves,
-    train_batches: Sequence[Any],
-    val_batch: Any,
-    optimizer: Any,
     state: Any,
+    h: Leaves,
+    steps: Sequence[tuple[bool, Any]],
+    val_batch: Any,
+    transformation: Transformation,
 ) -> tuple[list[Tensor], HypergradInfo]:
-    r"""d L_V(w_K(λ), λ)/dλ through K = len(train_batches) differentiable torchopt updates.
+    r"""d L_V(w_K(λ), λ)/dλ through K = len(steps) differentiable torchopt updates.
 
-    w₀ = ``w`` with optimiser state ``state``; w_{k+1} = w_k + update(∇_w L_T(w_k, λ; batch_k)).
+    w₀ = ``w`` with optimiser state ``state``, both held fixed (∂w₀/∂λ = 0);
+    w_{k+1} = w_k + update(∇_w L_T(w_k, λ; batch_k)) for ``steps[k] = (started, batch_k)``, where
+    ``started`` says whether the optimiser had applied an update before (torchopt's momentum
+    treats its first call differently).
 
     Built on plain autograd (``create_graph=True`` through the loop, one backward at the end) rather
     than nested ``torch.func.grad``: on an MLP (784-512-256-10, batch 512, SGD) the nested transforms
@@ -395,15 +340,14 @@ def unrolled_hypergradient(
 
     with torch.enable_grad():
         hh = tuple(t.detach().requires_grad_() for t in h)
-        ww, st = tuple(t.detach().requires_grad_() for t in w), state
-        for batch in train_batches:
+        ww = tuple(t.detach().requires_grad_() for t in w)
+        for started, batch in steps:
             loss = mean_over_parts(problem.train_loss, batch)(ww, hh)
             inner_grads = torch.autograd.grad(loss, ww, create_graph=True)
-            updates, st = optimizer.update(inner_grads, st, params=ww, inplace=False)
-            ww = tuple(torchopt.apply_updates(ww, updates, inplace=False))
+            ww, state = transformation.apply(problem.params_spec, inner_grads, state, ww, started=started)
         val = mean_over_parts(problem.val_loss, val_batch)(ww, hh)
         found = torch.autograd.grad(val, hh, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for g, t in zip(found, h)]
-    hvps = max(len(train_batches) - 1, 0)  # the first update's w-derivative is zero (w₀ is fixed)
+    hvps = max(len(steps) - 1, 0)  # the first update's w-derivative is zero (w₀ is fixed)
     info = HypergradInfo(strategy="unroll", hvps=hvps, val_loss=val.detach(), grad_norm=_tree.norm(grads))
     return grads, info

@@ -18,24 +18,41 @@ from bilevel import _tree
 MatVec = Callable[[Sequence[Tensor]], list[Tensor]]
 
 
-def neumann(matvec: MatVec, v: Sequence[Tensor], steps: int, alpha: float) -> tuple[list[Tensor], list[Tensor]]:
+@dataclasses.dataclass(frozen=True)
+class NeumannResult:
+    """What :func:`neumann` computed: the sum, and how its terms behaved (free by-products)."""
+
+    x: list[Tensor]
+    growth: Tensor  # ‖last term‖ / ‖v‖ (0-dim)
+    diverging: Tensor  # 0-dim bool: the terms grow with alternating sign, i.e. α μ_max > 2
+
+
+def neumann(matvec: MatVec, v: Sequence[Tensor], steps: int, alpha: float) -> NeumannResult:
     r"""Truncated Neumann series for H⁻¹v with ``steps − 1`` products.
 
     .. math:: x = \alpha \sum_{j=0}^{\text{steps}-1} (I - \alpha H)^j v
 
     Departure from the paper's Algorithm 3: there the sum is returned without the outer α (the
     α is absorbed by the caller); we include it, so x → H⁻¹v as steps → ∞ whenever
-    0 < α λ(H) < 2 for every eigenvalue λ(H).
+    0 < α μ < 2 for every eigenvalue μ of H.
 
-    Returns ``(x, last)`` where ``last = (I − αH)^{steps−1} v`` is the final term; the residual
-    is H x − v = −(I − αH)^{steps} v, one more product away.
+    Divergence is read off the last two terms t_{s−1} = (I − αH)^{s−1} v and t_{s−2}, which the loop
+    has anyway: for symmetric H, ‖t_j‖ ≤ ‖v‖ whenever every |1 − αμ| ≤ 1, so ``growth`` =
+    ‖t_{s−1}‖/‖v‖ > 1 means some factor exceeds 1 in size. Its sign tells the two causes apart:
+    ⟨t_{s−1}, t_{s−2}⟩ = vᵀ(I − αH)^{2s−3} v is dominated by the fastest-growing factor, negative when
+    it is 1 − αμ < −1 (α too large for the top of the spectrum: ``diverging``), positive when it is
+    1 − αμ > 1 (negative curvature, μ < 0, which no α > 0 cures).
     """
     term = list(v)
+    previous = term
     total = [t.clone() for t in v]
     for _ in range(steps - 1):
-        term = _tree.add(term, matvec(term), -alpha)  # term ← (I − αH) term
+        previous, term = term, _tree.add(term, matvec(term), -alpha)  # term ← (I − αH) term
         _tree.add_(total, term)
-    return _tree.scale(total, alpha), term
+    tiny = torch.finfo(v[0].dtype).tiny
+    growth = _tree.norm(term) / _tree.norm(v).clamp_min(tiny)
+    diverging = (growth > 1) & (_tree.vdot(term, previous) < 0) if steps > 1 else torch.zeros((), dtype=torch.bool)
+    return NeumannResult(_tree.scale(total, alpha), growth, diverging)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,7 @@ optimisation steps instead.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Any, Literal
 
@@ -26,8 +27,12 @@ def _check_int(cls: str, name: str, value: Any, minimum: int) -> None:
 
 
 def _check_float(cls: str, name: str, value: Any, *, positive: bool, hint: str = "") -> None:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value
-    ok = ok and (value > 0 if positive else value >= 0) and value != float("inf")
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    try:
+        as_float = float(value) if ok else math.nan
+    except OverflowError:  # an int beyond the float range, e.g. 10**400
+        as_float = math.inf
+    ok = ok and math.isfinite(as_float) and (as_float > 0 if positive else as_float >= 0)
     if not ok:
         bound = "> 0" if positive else ">= 0"
         raise _bad(f"{cls}({name}={value!r})", f"{name} must be a finite number {bound}.{hint}")
@@ -61,7 +66,12 @@ class Neumann:
         hvp: how Hessian-vector products are computed (default [`ReverseHVP`][bilevel.ReverseHVP]).
         power_iters: products spent estimating λ_max when ``alpha="auto"``.
         refresh_every: with ``alpha="auto"`` in [`BilevelOptimizer`][bilevel.BilevelOptimizer], re-estimate
-            λ_max on every ``refresh_every``-th hyperstep and reuse it in between. The functional
+            λ_max on every ``refresh_every``-th hyperstep and reuse it in between. The default 10
+            spends ``power_iters / 10`` = 2 products per hyperstep on the estimate instead of 20
+            (with ``steps=5`` a fresh estimate every hyperstep cost 5× the series itself): between
+            hypersteps the weights move by a few inner steps and the curvature changes slowly, and a
+            stale α is caught — a hyperstep whose series grows (``info.growth > 1``) or is
+            non-finite with a reused α is recomputed at once with a fresh estimate. The functional
             [`hypergradient`][bilevel.hypergradient] estimates it on every call.
 
     Example:
@@ -77,7 +87,7 @@ class Neumann:
     alpha: float | Literal["auto"]
     hvp: HVP = ReverseHVP()
     power_iters: int = 20
-    refresh_every: int = 1
+    refresh_every: int = 10
 
     def __post_init__(self) -> None:
         _check_int("Neumann", "steps", self.steps, 1)
@@ -118,7 +128,7 @@ class Identity:
     Example:
         >>> import bilevel
         >>> bilevel.Identity(alpha=0.1).as_neumann()
-        Neumann(steps=1, alpha=0.1, hvp=ReverseHVP(), power_iters=20, refresh_every=1)
+        Neumann(steps=1, alpha=0.1, hvp=ReverseHVP(), power_iters=20, refresh_every=10)
 
     References:
         Lorraine, Vicol & Duvenaud (2020), Table 1; Luketina et al. (2016), "Scalable
@@ -222,16 +232,19 @@ class Exact:
 class Unroll:
     r"""Differentiate through ``steps`` inner optimiser updates (truncated unrolling).
 
-    In [`hypergradient`][bilevel.hypergradient]: starting from ``params`` with a fresh optimiser
-    state, run \(w_{k+1} = w_k + u(\nabla_w L_T(w_k, \lambda))\) for ``steps`` updates on
+    In [`hypergradient`][bilevel.hypergradient]: starting from ``params`` with a fresh state of
+    ``optimizer``, run \(w_{k+1} = w_k + u(\nabla_w L_T(w_k, \lambda))\) for ``steps`` updates on
     ``train_batch``, then return \(d L_V(w_{\text{steps}}(\lambda), \lambda)/d\lambda\).
     In [`BilevelOptimizer`][bilevel.BilevelOptimizer]: backpropagate through its own last
-    ``steps`` inner updates.
+    ``steps`` inner updates, made by its own ``inner`` optimiser (``optimizer`` must then be
+    ``None``: a different one would describe updates that never happened).
     Memory grows linearly in ``steps`` (Table 2 of the paper).
 
     Args:
         steps: number of differentiable inner updates, ≥ 1.
-        optimizer: a torchopt ``GradientTransformation`` such as ``torchopt.sgd(lr=0.1)``.
+        optimizer: a torchopt ``GradientTransformation`` such as ``torchopt.sgd(lr=0.1)``; needed by
+            the functional [`hypergradient`][bilevel.hypergradient], ``None`` in
+            [`BilevelOptimizer`][bilevel.BilevelOptimizer].
 
     Example:
         >>> import bilevel, torchopt
@@ -244,11 +257,13 @@ class Unroll:
     """
 
     steps: int
-    optimizer: Any
+    optimizer: Any = None
 
     def __post_init__(self) -> None:
         _check_int("Unroll", "steps", self.steps, 1)
-        if not (callable(getattr(self.optimizer, "init", None)) and callable(getattr(self.optimizer, "update", None))):
+        transformation = self.optimizer
+        looks_right = all(callable(getattr(transformation, name, None)) for name in ("init", "update"))
+        if transformation is not None and not looks_right:
             raise TypeError(
                 f"`Unroll(optimizer={self.optimizer!r})`: optimizer must be a torchopt "
                 f"GradientTransformation, e.g. torchopt.sgd(lr=0.1) or torchopt.adam(1e-3)."
