@@ -1,15 +1,15 @@
 """BilevelOptimizer: Algorithm 1 of the paper as a stateful object driven by ``step()``.
 
-All mutable state of a bilevel run lives here (params, hparams, both torchopt states, counters,
-the cached Neumann step size, the unroll window); the functional core it calls holds none.
+All mutable state of a bilevel run lives here, in one ``RunState`` (params, hparams, both torchopt
+states, counters, the cached Neumann step size, the unroll window) that every step replaces as a
+whole; the functional core it calls holds none. Checkpoints are ``_checkpoint``'s business.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
+import numbers
 import warnings
-from collections.abc import Sequence
 from typing import Any
 
 import optree
@@ -18,26 +18,30 @@ import torchopt
 from torch import Tensor
 
 from bilevel import _tree
-from bilevel._distributed import DataParallel
+from bilevel._checkpoint import Record, RunState, from_dict, to_dict
+from bilevel._distributed import DataParallel, MicroBatches, parts
 from bilevel._hypergradient import (
     HypergradInfo,
-    Problem,
+    check_exact_fits,
     check_strategy,
     check_unroll_distributed,
     ift_hypergradient,
     unrolled_hypergradient,
 )
+from bilevel._problem import Problem
 from bilevel._strategies import Neumann, Strategy, Unroll
-from bilevel._tree import Leaves
-
-_STATE_VERSION = 1
+from bilevel._transform import Transformation, check_transformation, float_leaves
 
 
 class NonFiniteError(FloatingPointError):
-    """Raised in ``strict`` mode when an update would write NaN/Inf; the state is left unchanged.
+    """Raised in ``strict`` mode instead of skipping a failed update; nothing of that update is kept.
 
-    Weights, hyperparameters and both optimiser states keep their values from before the failing
-    call; only the step counters record the attempt.
+    An update fails when it would write NaN/Inf, or, for a hyperstep, when the hypergradient could
+    not be computed (``info.failure``: a singular Hessian for ``Exact``, a zero Hessian for
+    ``alpha="auto"``) or its Neumann series diverged (``info.diverging``). The exception is
+    raised before anything changes: weights, hyperparameters, both optimiser states, the model
+    state and every counter keep their values from before the failing update. (A ``step()`` whose
+    hyperstep fails has already applied its inner update, as it would without strict mode.)
 
     Example:
         >>> import torch, bilevel
@@ -83,17 +87,6 @@ class StepResult:
     inner_applied: Tensor
     hyper: HypergradInfo | None = None
     outer_applied: bool | None = None
-
-
-def _check_transformation(value: Any, name: str) -> None:
-    if not (callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))):
-        raise TypeError(
-            f"`{name}` must be a torchopt GradientTransformation such as torchopt.adam(1e-4); got {value!r}."
-        )
-
-
-def _float_leaves(tree: Any) -> list[Tensor]:
-    return [t for t in optree.tree_leaves(tree) if isinstance(t, Tensor) and t.is_floating_point()]
 
 
 class BilevelOptimizer:
@@ -183,69 +176,86 @@ class BilevelOptimizer:
         distributed: DataParallel | None = None,
         autocast: torch.dtype | None = None,
     ) -> None:
-        check_unroll_distributed(check_strategy(strategy), distributed)
+        self.strategy = check_strategy(strategy)
+        check_unroll_distributed(strategy, distributed)
         self._problem, w, h = Problem.create(
             train_loss, val_loss, params, hparams, autocast=autocast, distributed=distributed
         )
-        _check_transformation(inner, "inner")
-        _check_transformation(outer, "outer")
-        self.strategy = check_strategy(strategy)
-        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
+        check_transformation(inner, "inner")
+        check_transformation(outer, "outer")
+        if isinstance(inner_steps, bool) or not isinstance(inner_steps, numbers.Integral) or inner_steps < 1:
             raise ValueError(f"`inner_steps={inner_steps!r}`: must be an integer >= 1 (N in Algorithm 1).")
-        if isinstance(strategy, Unroll) and strategy.steps > inner_steps:
-            raise ValueError(
-                f"`strategy=Unroll(steps={strategy.steps})` with `inner_steps={inner_steps}`: the optimiser can "
-                f"unroll at most the inner_steps updates made since the last hyperstep (they are the ones "
-                f"taken with the current hparams). Use steps <= inner_steps."
-            )
-        self.inner, self.outer, self.inner_steps, self.strict = inner, outer, inner_steps, strict
-        self._w: Leaves = tuple(t.clone() for t in w)
-        self._h: Leaves = tuple(t.clone() for t in h)
-        self._inner_state = inner.init(self._w)
-        self._outer_state = outer.init(self._h)
-        self._steps = 0
-        self._hypersteps = 0
-        self._skipped_inner = torch.zeros((), dtype=torch.int64, device=self._w[0].device)
-        self._skipped_inner_warned = 0
-        self._skipped_outer = 0
-        self._alpha: float | None = None  # cached Neumann alpha when strategy.alpha == "auto"
-        self._alpha_age = 0
-        window = strategy.steps if isinstance(strategy, Unroll) else 0
-        self._window: collections.deque[tuple[Leaves, Any, Any]] = collections.deque(maxlen=window)
-        # Accelerators: select on device instead of branching on a host bool (no sync per step);
-        # strict mode must decide before changing anything, so it always branches on the host.
-        self._device_select = self._w[0].device.type != "cpu" and not strict
+        if not isinstance(strict, bool):
+            raise TypeError(f"`strict={strict!r}`: must be True or False.")
+        if isinstance(strategy, Unroll):
+            if strategy.steps > inner_steps:
+                raise ValueError(
+                    f"`strategy=Unroll(steps={strategy.steps})` with `inner_steps={inner_steps}`: the optimiser can "
+                    f"unroll at most the inner_steps updates made since the last hyperstep (they are the ones "
+                    f"taken with the current hparams). Use steps <= inner_steps."
+                )
+            if strategy.optimizer is not None and strategy.optimizer is not inner:
+                raise ValueError(
+                    "`strategy=Unroll(steps, optimizer=...)` in BilevelOptimizer: the optimiser differentiates "
+                    "through its own `inner` updates, so another optimizer would describe updates that never "
+                    f"happened. Pass Unroll(steps={strategy.steps})."
+                )
+        check_exact_fits(strategy, w)
+        self.inner: Transformation = Transformation(inner)
+        self.outer: Transformation = Transformation(outer)
+        self.inner_steps: int = int(inner_steps)
+        self.strict: bool = strict
+        self._window_size: int = strategy.steps if isinstance(strategy, Unroll) else 0
+        self._run: RunState = RunState(
+            w=tuple(t.clone() for t in w),
+            h=tuple(t.clone() for t in h),
+            inner_state=self.inner.init(self._problem.params(w)),
+            outer_state=self.outer.init(self._problem.hparams(h)),
+            inner_started=False,
+            outer_started=False,
+            steps=0,
+            hypersteps=0,
+            skipped_inner=torch.zeros((), dtype=torch.int64, device=w[0].device),
+            skipped_inner_warned=0,
+            skipped_outer=0,
+            alpha=None,
+            alpha_age=0,
+        )
+        # Accelerators: select on device instead of branching on a host bool (no sync per step).
+        # Strict mode must decide before changing anything, and Unroll records only the steps that
+        # were applied, so both branch on the host.
+        self._device_select: bool = w[0].device.type != "cpu" and not strict and not self._window_size
 
     # ------------------------------------------------------------------------------ state
     @property
     def params(self) -> Any:
         """Current weights, with the structure of the ``params`` given at construction."""
-        return self._problem.params(self._w)
+        return self._problem.params(self._run.w)
 
     @property
     def hparams(self) -> Any:
         """Current hyperparameters, with the structure of the ``hparams`` given at construction."""
-        return self._problem.hparams(self._h)
+        return self._problem.hparams(self._run.h)
 
     @property
     def steps(self) -> int:
-        """Inner steps taken so far (calls to ``step`` or ``inner_step``)."""
-        return self._steps
+        """Inner steps taken so far (calls to ``step`` or ``inner_step``, applied or skipped)."""
+        return self._run.steps
 
     @property
     def hypersteps(self) -> int:
         """Outer steps attempted so far (applied or skipped)."""
-        return self._hypersteps
+        return self._run.hypersteps
 
     @property
     def skipped_inner_steps(self) -> int:
         """Inner updates not applied because they were non-finite (reading it syncs the device)."""
-        return int(self._skipped_inner)
+        return int(self._run.skipped_inner)
 
     @property
     def skipped_outer_steps(self) -> int:
-        """Outer updates not applied because the hypergradient or update was non-finite."""
-        return self._skipped_outer
+        """Outer updates not applied: non-finite, or a hypergradient that failed (see ``NonFiniteError``)."""
+        return self._run.skipped_outer
 
     # ------------------------------------------------------------------------------ steps
     def step(self, train_batch: Any, val_batch: Any) -> StepResult:
@@ -255,7 +265,7 @@ class BilevelOptimizer:
         terms. ``val_batch`` is not touched on the other calls.
         """
         loss, applied = self._inner(train_batch)
-        if self._steps % self.inner_steps:
+        if self._run.steps % self.inner_steps:
             return StepResult(loss, applied)
         info, outer_applied = self._outer(train_batch, val_batch)
         return StepResult(loss, applied, info, outer_applied)
@@ -269,166 +279,169 @@ class BilevelOptimizer:
         return self._outer(train_batch, val_batch)[0]
 
     def _inner(self, batch: Any) -> tuple[Tensor, Tensor]:
-        (grads,), loss = self._problem.value_and_grad(self._problem.train_loss, batch, self._w, self._h, (0,))
-        updates, state = self.inner.update(tuple(grads), self._inner_state, params=self._w, inplace=False)
-        w = tuple(torchopt.apply_updates(self._w, updates, inplace=False))
-        written = [*w, *_float_leaves(state)]
+        run, problem = self._run, self._problem
+        (grads,), loss = problem.value_and_grad(problem.train_loss, batch, run.w, run.h, (0,))
+        w, state = self.inner.apply(problem.params_spec, grads, run.inner_state, run.w, started=run.inner_started)
+        written = [*w, *float_leaves(state)]
         if self._device_select:
-            self._record(batch)
             ok = torch.isfinite(loss) & _tree.all_finite(written)
-            self._w = tuple(torch.where(ok, new, old) for new, old in zip(w, self._w))
-            self._inner_state = optree.tree_map(
-                lambda new, old: torch.where(ok, new, old) if isinstance(new, Tensor) else new,
-                state,
-                self._inner_state,
+            self._run = run.replace(
+                w=tuple(torch.where(ok, new, old) for new, old in zip(w, run.w)),
+                inner_state=optree.tree_map(
+                    lambda new, old: torch.where(ok, new, old) if isinstance(new, Tensor) else new,
+                    state,
+                    run.inner_state,
+                ),
+                # torchopt's momentum must know whether a step was applied: one sync, until one was.
+                inner_started=run.inner_started or bool(ok),
+                steps=run.steps + 1,
+                skipped_inner=run.skipped_inner + (~ok).long(),
             )
-            self._skipped_inner += (~ok).long()
             self._check_sync("params after an inner step")
             return loss, ok
         # Host branch: a cheap sum screen, and the exact check only when the screen fails.
-        loss_ok = bool(torch.isfinite(loss))
-        applied = loss_ok and (bool(_tree.sum_is_finite(written)) or bool(_tree.all_finite(written)))
+        applied = bool(torch.isfinite(loss)) and (bool(_tree.sum_is_finite(written)) or bool(_tree.all_finite(written)))
         if not applied and self.strict:  # raise before touching any state: the step did not happen
             raise NonFiniteError(
-                f"inner step {self._steps + 1}: non-finite loss, weights or optimiser state; "
+                f"inner step {run.steps + 1}: non-finite loss, weights or optimiser state; "
                 f"the weights, optimiser state and step counter were left unchanged."
             )
-        self._record(batch)
         if applied:
-            self._w, self._inner_state = w, state
+            window = run.window
+            if self._window_size:  # Unroll: remember where the update started, on a private copy of the batch
+                record = Record(run.w, run.inner_state, run.inner_started, _copy_batch(batch))
+                window = (*window, record)[-self._window_size :]
+            self._run = run.replace(w=w, inner_state=state, inner_started=True, steps=run.steps + 1, window=window)
             self._check_sync("params after an inner step")
         else:
-            self._skipped_inner += 1
+            self._run = run.replace(steps=run.steps + 1, skipped_inner=run.skipped_inner + 1)
             self._report_inner_skips()
         return loss, torch.tensor(applied)
-
-    def _record(self, batch: Any) -> None:
-        """Count the inner step and, for Unroll, remember where it started and on which batch."""
-        if self._window.maxlen:
-            self._window.append((self._w, self._inner_state, batch))
-        self._steps += 1
 
     def _check_sync(self, what: str) -> None:
         parallel = self._problem.parallel
         if parallel is not None and parallel.check_sync:
-            parallel.assert_in_sync([*self._w, *self._h], what)
+            parallel.assert_in_sync([*self._run.w, *self._run.h], what)
 
     def _report_inner_skips(self) -> None:
-        skipped = int(self._skipped_inner)
-        new = skipped - self._skipped_inner_warned
+        skipped = int(self._run.skipped_inner)
+        new = skipped - self._run.skipped_inner_warned
         if new <= 0:
             return
-        self._skipped_inner_warned = skipped
+        self._run = self._run.replace(skipped_inner_warned=skipped)
         message = f"{new} inner update(s) skipped: non-finite loss, weights or optimiser state ({skipped} so far)."
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
-    def _strategy_now(self) -> Strategy:
-        strategy = self.strategy
-        if isinstance(strategy, Neumann) and strategy.alpha == "auto" and self._alpha is not None:
-            if self._alpha_age < strategy.refresh_every:
-                return dataclasses.replace(strategy, alpha=self._alpha)
-        return strategy
+    def _hypergradient(
+        self, train_batch: Any, val_batch: Any, *, reuse_alpha: bool = True
+    ) -> tuple[list[Tensor], HypergradInfo, bool]:
+        """The hypergradient at the current state; also whether a cached Neumann α was used."""
+        run, strategy = self._run, self.strategy
+        if isinstance(strategy, Unroll):
+            if len(run.window) < strategy.steps:
+                raise ValueError(
+                    f"`Unroll(steps={strategy.steps})` needs {strategy.steps} applied inner steps since the last "
+                    f"hyperstep to differentiate through; only {len(run.window)} were taken."
+                )
+            first = run.window[0]
+            steps = [(r.inner_started, r.batch) for r in run.window]
+            grads, info = unrolled_hypergradient(
+                self._problem, first.w, first.inner_state, run.h, steps, val_batch, self.inner
+            )
+            return grads, info, False
+        cached = False
+        if isinstance(strategy, Neumann) and strategy.alpha == "auto" and run.alpha is not None:
+            cached = reuse_alpha and run.alpha_age < strategy.refresh_every
+            strategy = dataclasses.replace(strategy, alpha=run.alpha) if cached else strategy
+        grads, info = ift_hypergradient(self._problem, run.w, run.h, train_batch, val_batch, strategy)
+        return grads, info, cached
 
     def _outer(self, train_batch: Any, val_batch: Any) -> tuple[HypergradInfo, bool]:
         if self._device_select:
             self._report_inner_skips()
-        strategy = self._strategy_now()
-        if isinstance(strategy, Unroll):
-            if len(self._window) < strategy.steps:
-                raise ValueError(
-                    f"`Unroll(steps={strategy.steps})` needs {strategy.steps} inner steps since the last "
-                    f"hyperstep to differentiate through; only {len(self._window)} were taken."
-                )
-            w0, state0, _ = self._window[0]
-            batches = [batch for _, _, batch in self._window]
-            grads, info = unrolled_hypergradient(self._problem, w0, self._h, batches, val_batch, self.inner, state0)
-        else:
-            grads, info = ift_hypergradient(self._problem, self._w, self._h, train_batch, val_batch, strategy)
-
-        updates, state = self.outer.update(tuple(grads), self._outer_state, params=self._h, inplace=False)
-        h = tuple(torchopt.apply_updates(self._h, updates, inplace=False))
-        finite = bool(_tree.all_finite([*grads, *h, *_float_leaves(state)]))
-        if not finite:
-            message = (
-                f"hyperstep {self._hypersteps + 1}: non-finite hypergradient or update "
-                f"(strategy {info.strategy}, {info.hvps} HVPs); hparams and outer state left unchanged."
-            )
-            if isinstance(strategy, Neumann) and strategy.alpha != "auto":
-                message += " A diverging Neumann series is the usual cause: try a smaller alpha or alpha='auto'."
+        run, spec = self._run, self._problem.hparams_spec
+        grads, info, cached = self._hypergradient(train_batch, val_batch)
+        h, state = self.outer.apply(spec, grads, run.outer_state, run.h, started=run.outer_started)
+        trouble = _trouble(self.strategy, info, [*grads, *h, *float_leaves(state)])
+        if trouble is not None and cached:
+            # A reused α may have gone stale (the curvature grew): estimate it afresh and try once more.
+            grads, retry, _ = self._hypergradient(train_batch, val_batch, reuse_alpha=False)
+            info = dataclasses.replace(retry, hvps=info.hvps + retry.hvps)
+            h, state = self.outer.apply(spec, grads, run.outer_state, run.h, started=run.outer_started)
+            trouble = _trouble(self.strategy, info, [*grads, *h, *float_leaves(state)])
+        skip = False
+        if trouble is not None:
+            what, advice, skip = trouble
+            n, where = run.hypersteps + 1, f"(strategy {info.strategy}, {info.hvps} HVPs)"
             if self.strict:  # raised before any state changes: the hyperstep did not happen
-                raise NonFiniteError(message)
-        self._hypersteps += 1
-        self._window.clear()  # the recorded updates used the old hparams
-        if not finite:
-            self._skipped_outer += 1
-            warnings.warn(message.replace(": non-finite", " skipped: non-finite", 1), RuntimeWarning, stacklevel=3)
+                raise NonFiniteError(f"hyperstep {n}: {what} {where}; nothing was changed (strict mode).{advice}")
+            if skip:
+                message = f"hyperstep {n} skipped: {what} {where}; hparams and outer state left unchanged.{advice}"
+            else:
+                message = f"hyperstep {n}: {what} {where}; applied anyway (strict=True refuses it).{advice}"
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        fresh = info.lambda_max is not None and info.failure is None and info.alpha is not None
+        alpha, age = (info.alpha, 1) if fresh else (run.alpha, run.alpha_age + 1)
+        common: dict[str, Any] = dict(hypersteps=run.hypersteps + 1, window=(), alpha=alpha, alpha_age=age)
+        if skip:
+            self._run = run.replace(skipped_outer=run.skipped_outer + 1, **common)
             return info, False
-        self._h, self._outer_state = h, state
+        self._run = run.replace(h=h, outer_state=state, outer_started=True, **common)
         self._check_sync("hparams after a hyperstep")
-        if isinstance(self.strategy, Neumann) and self.strategy.alpha == "auto":
-            if info.lambda_max is not None:  # refreshed on this hyperstep
-                self._alpha, self._alpha_age = info.alpha, 0
-            self._alpha_age += 1
         return info, True
 
     # ------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume bitwise: weights, hparams, both optimiser states, counters,
-        the cached auto-alpha and the unroll window. Save it with ``torch.save``.
+        """Everything needed to resume bitwise: weights, hparams, both optimiser states (and whether
+        each has started, which torchopt's momentum needs), counters, the cached auto-alpha and the
+        unroll window. Save it with ``torch.save``.
 
-        It holds only plain containers, numbers and tensors (optimiser states as lists of their
-        tensors), so ``torch.load(path)`` reads it with the default ``weights_only=True``, provided
-        your batches (kept for ``Unroll``) are tensors or containers of them.
+        It holds only plain containers, numbers, strings and tensors, so ``torch.load(path)`` reads it
+        with the default ``weights_only=True``, provided your batches (kept for ``Unroll``) are
+        tensors or containers of them.
 
         The global torch RNG is not included: if your losses draw random numbers (dropout,
         augmentation noise), save ``torch.get_rng_state()`` alongside.
         """
-        return {
-            "version": _STATE_VERSION,
-            "params": list(self._w),
-            "hparams": list(self._h),
-            "inner_state": optree.tree_leaves(self._inner_state),
-            "outer_state": optree.tree_leaves(self._outer_state),
-            "steps": self._steps,
-            "hypersteps": self._hypersteps,
-            "skipped_inner": self._skipped_inner.clone(),
-            "skipped_inner_warned": self._skipped_inner_warned,
-            "skipped_outer": self._skipped_outer,
-            "alpha": self._alpha,
-            "alpha_age": self._alpha_age,
-            "window": [(list(w), optree.tree_leaves(st), batch) for w, st, batch in self._window],
-        }
+        return to_dict(self._run)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a ``state_dict()`` into an optimiser built with the same losses and structures."""
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-            raise ValueError(
-                f"`state` is not a BilevelOptimizer.state_dict() of version {_STATE_VERSION} "
-                f"(got version {state.get('version') if isinstance(state, dict) else type(state).__name__})."
-            )
-        for key, current in (("params", self._w), ("hparams", self._h)):
-            _check_like(state[key], current, key)
-        for key, current in (("inner_state", self._inner_state), ("outer_state", self._outer_state)):
-            _check_like(state[key], optree.tree_leaves(current), key)
-        inner_spec = optree.tree_structure(self._inner_state)
-        self._w, self._h = tuple(state["params"]), tuple(state["hparams"])
-        self._inner_state = optree.tree_unflatten(inner_spec, state["inner_state"])
-        self._outer_state = optree.tree_unflatten(optree.tree_structure(self._outer_state), state["outer_state"])
-        self._steps, self._hypersteps = state["steps"], state["hypersteps"]
-        self._skipped_inner = state["skipped_inner"].clone()
-        self._skipped_inner_warned = state["skipped_inner_warned"]
-        self._skipped_outer = state["skipped_outer"]
-        self._alpha, self._alpha_age = state["alpha"], state["alpha_age"]
-        self._window.clear()
-        for w, leaves, batch in state["window"]:
-            self._window.append((tuple(w), optree.tree_unflatten(inner_spec, leaves), batch))
+        """Restore a ``state_dict()`` into an optimiser built with the same losses, structures and
+        torchopt optimisers.
+
+        Everything is validated before anything is assigned — the kind and structure of both
+        optimiser states, the shape, dtype and device of every tensor, the counters and the unroll
+        window — so a checkpoint that does not fit raises ``ValueError``/``TypeError`` and leaves
+        the optimiser exactly as it was.
+        """
+        self._run = from_dict(state, self._run, self._window_size)
 
 
-def _check_like(loaded: Sequence[Tensor], current: Sequence[Tensor], name: str) -> None:
-    shapes = [tuple(t.shape) for t in loaded]
-    expected = [tuple(t.shape) for t in current]
-    if shapes != expected:
-        raise ValueError(
-            f"`state['{name}']` has tensors of shapes {shapes}; this optimiser's {name} has {expected}. "
-            f"Was the state saved from an optimiser with other params, hparams or torchopt optimisers?"
+def _trouble(strategy: Strategy, info: HypergradInfo, written: list[Tensor]) -> tuple[str, str, bool] | None:
+    """What is wrong with a hyperstep, advice, and whether it must be skipped (else applied with a warning)."""
+    neumann_fixed = isinstance(strategy, Neumann) and strategy.alpha != "auto"
+    if info.failure is not None:
+        return info.failure, "", True
+    if not bool(_tree.all_finite(written)):
+        advice = " A diverging Neumann series is the usual cause: try a smaller alpha or alpha='auto'."
+        return "non-finite hypergradient or update", advice * neumann_fixed, True
+    if info.diverging is not None and info.growth is not None and bool(info.diverging):
+        what = (
+            f"diverging Neumann series: its terms grow with alternating sign, the last {float(info.growth):.3g}× "
+            f"the first (α = {info.alpha:.3g} is too large for the Hessian's top eigenvalue), so the hypergradient "
+            f"is wrong"
         )
+        advice = (
+            " Try a smaller alpha or alpha='auto'."
+            if neumann_fixed
+            else " The power iteration underestimated the spectral radius: raise Neumann(power_iters=...)."
+        )
+        return what, advice, False
+    return None
+
+
+def _copy_batch(batch: Any) -> Any:
+    """A private copy of a batch's tensors (other leaves by reference): the caller may refill its buffers."""
+    if isinstance(batch, MicroBatches):
+        return MicroBatches([_copy_batch(piece) for piece in parts(batch)])
+    return optree.tree_map(lambda t: t.detach().clone() if isinstance(t, Tensor) else t, batch)
