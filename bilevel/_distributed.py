@@ -15,9 +15,11 @@ solves, so the hypergradient comes out the same on every rank without a further 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
+import optree
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -71,15 +73,24 @@ def parts(batch: Any) -> tuple[Any, ...]:
 class DataParallel:
     """Data parallelism over a torch.distributed process group (launch with ``torchrun``).
 
-    Each rank passes its own equal-sized shard of the training and validation batches; gradients,
-    Hessian-vector products and mixed products are averaged across ranks with ``all_reduce`` so that
-    every rank computes exactly the single-process full-batch update. Works with the gloo backend on
-    CPU and NCCL on CUDA; initialise the group yourself (``dist.init_process_group``).
+    Each rank passes its own shard of the training and validation batches; gradients,
+    Hessian-vector products and mixed products are averaged across ranks with ``all_reduce``. For
+    losses that are means over examples this is exactly the single-process full-batch computation
+    **when every rank's shard has the same size**: the average of per-shard means is the full mean
+    only then (an 80/20 split would weight the small shard's examples 4× too much). So every batch is
+    checked: the shapes of its tensors are compared across ranks with one tiny collective, and
+    unequal shards raise ``ValueError`` on every rank (pad or drop examples to equal sizes, as
+    ``DistributedSampler`` does). Works with the gloo backend on CPU and NCCL on CUDA; initialise the
+    group yourself (``dist.init_process_group``).
 
     Args:
         group: the process group (``None``: the default group).
         check_sync: debug mode — after every update, verify with one small collective that params
-            and hparams are bitwise identical on all ranks, raising ``RuntimeError`` if not.
+            and hparams are bitwise identical on all ranks, raising ``RuntimeError`` if not (catches
+            ranks that started from different weights or run different code).
+        check_shards: compare the shapes of every batch's tensors across ranks (default). Turn it off
+            only if your losses already weight each rank's mean so that the average over ranks is the
+            full-batch mean (multiply rank r's loss by n_r · world / n), or to save the collective.
 
     Example:
         >>> import bilevel
@@ -89,6 +100,7 @@ class DataParallel:
 
     group: Any = None
     check_sync: bool = False
+    check_shards: bool = True
 
     def validate(self) -> None:
         """Raise a clear error when torch.distributed is not initialised."""
@@ -127,6 +139,38 @@ class DataParallel:
                 f"DataParallel(check_sync=True): {what} differ across ranks. Make sure every rank starts from the "
                 f"same params/hparams and passes shards of equal size."
             )
+
+    def check_equal_shards(self, batch: Any, name: str) -> None:
+        """Raise ``ValueError`` on every rank unless ``batch`` has the same tensor shapes on all ranks.
+
+        One all-reduce of two int64 numbers (the max of a hash of the shapes and of its negation);
+        only when they disagree are the shapes gathered, to say which rank has which.
+        """
+        if not self.check_shards:
+            return
+        shapes = [tuple(t.shape) for piece in parts(batch) for t in optree.tree_leaves(piece) if isinstance(t, Tensor)]
+        device = _collective_device(self.group)
+        code = int.from_bytes(hashlib.blake2b(repr(shapes).encode(), digest_size=7).digest(), "little")
+        extremes = torch.tensor([code, -code], dtype=torch.int64, device=device)
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=self.group)
+        if int(extremes[0]) == -int(extremes[1]):
+            return
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, shapes, group=self.group)
+        listing = "; ".join(f"rank {r}: {s}" for r, s in enumerate(gathered))
+        raise ValueError(
+            f"DataParallel: `{name}` has different shapes on different ranks ({listing}). Averaging per-rank "
+            f"means equals the full-batch mean only for equal shards, so the result would be silently wrong. "
+            f"Give every rank the same number of examples (pad or drop, as DistributedSampler does), or, if "
+            f"your losses already weight each rank by its share, pass DataParallel(check_shards=False)."
+        )
+
+
+def _collective_device(group: Any) -> torch.device:
+    """Where a collective on this group must live: CUDA for NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _fingerprint(t: Tensor) -> Tensor:

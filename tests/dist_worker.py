@@ -72,6 +72,47 @@ def run(rank: int, world: int, store: str, out: str) -> None:
             results["sync_error"] = None
         except RuntimeError as err:
             results["sync_error"] = str(err)
+        # Unequal shards (40/24 examples): every rank must raise, naming the batch, instead of averaging
+        # per-rank means as if they were equal.
+        cut = 40
+        uneven = (problem.X[:cut], problem.y[:cut]) if rank == 0 else (problem.X[cut:], problem.y[cut:])
+        results["uneven"] = []
+        for call in (
+            lambda: bilevel.hypergradient(
+                problem.train_loss,
+                problem.val_loss,
+                problem.params(),
+                problem.hparams(),
+                uneven,
+                val,
+                strategy=bilevel.ConjugateGradient(maxiter=5),
+                distributed=parallel,
+            ),
+            lambda: make_optimizer(problem, parallel).step(uneven, val),
+        ):
+            try:
+                call()
+                results["uneven"].append(None)
+            except ValueError as err:
+                results["uneven"].append(str(err))
+        # The same shards with each rank's mean loss weighted by its share n_r · world / n: exactly the
+        # full-batch loss, which DataParallel(check_shards=False) then averages correctly.
+        weight = (cut if rank == 0 else N - cut) * world / N
+
+        def weighted(p, h, batch):
+            return weight * problem.train_loss(p, h, batch)
+
+        grads, _ = bilevel.hypergradient(
+            weighted,
+            problem.val_loss,
+            problem.params(),
+            problem.hparams(),
+            uneven,
+            val,
+            strategy=bilevel.Exact(),
+            distributed=bilevel.DataParallel(check_shards=False),
+        )
+        results["weighted"] = grads["log_l2"]
         torch.save(results, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

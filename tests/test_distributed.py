@@ -77,6 +77,25 @@ def test_data_parallel_equals_single_process_full_batch(ranks):
     torch.testing.assert_close(h0, reference.hparams["log_l2"], atol=1e-10, rtol=0)
 
 
+def test_unequal_shards_are_an_error_on_every_rank_unless_weighted(ranks):
+    for result in ranks:
+        hypergradient_error, step_error = result["uneven"]
+        assert "`train_batch` has different shapes on different ranks" in step_error
+        assert "rank 0: [(40, 5), (40,)]; rank 1: [(24, 5), (24,)]" in hypergradient_error
+    problem = Logistic.make(n=dist_worker.N)
+    full, _ = bilevel.hypergradient(
+        problem.train_loss,
+        problem.val_loss,
+        problem.params(),
+        problem.hparams(),
+        (problem.X, problem.y),
+        dist_worker.shard(problem, 0, 1)[1],
+        strategy=bilevel.Exact(),
+    )
+    assert torch.equal(ranks[0]["weighted"], ranks[1]["weighted"])
+    torch.testing.assert_close(ranks[0]["weighted"], full["log_l2"], atol=1e-10, rtol=0)
+
+
 def test_check_sync_catches_ranks_that_diverge(ranks):
     for result in ranks:
         assert result["sync_error"] is not None and "differ across ranks" in result["sync_error"]
