@@ -131,7 +131,7 @@ def test_manual_schedule_with_inner_and_outer_step():
 STRATEGIES_FOR_RESUME = [
     bilevel.Neumann(steps=4, alpha="auto", refresh_every=3),
     bilevel.ConjugateGradient(maxiter=5),
-    bilevel.Unroll(steps=3, optimizer=torchopt.sgd(0.1)),
+    bilevel.Unroll(steps=3),
 ]
 
 
@@ -326,7 +326,7 @@ def test_unroll_mode_matches_a_hand_written_unrolled_reference():
     problem = ScalarRidge(n=12, d=3)
     lr, momentum, K, N = 0.1, 0.9, 3, 5
     opt = problem.optimizer(
-        strategy=bilevel.Unroll(steps=K, optimizer=torchopt.sgd(0.5)),
+        strategy=bilevel.Unroll(steps=K),
         inner=torchopt.sgd(lr, momentum=momentum),
         outer=torchopt.sgd(1.0),
         inner_steps=N,
@@ -354,7 +354,7 @@ def test_unroll_mode_matches_a_hand_written_unrolled_reference():
 
 def test_unroll_outer_step_needs_enough_inner_steps():
     problem = ScalarRidge()
-    opt = problem.optimizer(strategy=bilevel.Unroll(steps=3, optimizer=torchopt.sgd(0.1)), inner_steps=4)
+    opt = problem.optimizer(strategy=bilevel.Unroll(steps=3), inner_steps=4)
     opt.inner_step(problem.batches[0])
     with pytest.raises(ValueError, match=r"Unroll\(steps=3\).*only 1"):
         opt.outer_step(*problem.batches)
@@ -367,7 +367,10 @@ def test_unroll_outer_step_needs_enough_inner_steps():
         ({"outer": "adam"}, TypeError, "`outer`.*torchopt"),
         ({"inner_steps": 0}, ValueError, "inner_steps=0"),
         ({"inner_steps": 2.0}, ValueError, "inner_steps=2.0"),
-        ({"strategy": bilevel.Unroll(5, torchopt.sgd(0.1)), "inner_steps": 4}, ValueError, "steps <= inner_steps"),
+        ({"strategy": bilevel.Unroll(5), "inner_steps": 4}, ValueError, "steps <= inner_steps"),
+        ({"strategy": bilevel.Unroll(3, torchopt.sgd(0.1))}, ValueError, r"Pass Unroll\(steps=3\)"),
+        ({"strict": "yes"}, TypeError, "strict='yes'"),
+        ({"inner_steps": -1}, ValueError, "inner_steps=-1"),
         ({"strategy": None}, TypeError, "strategy"),
     ],
 )
