@@ -250,9 +250,7 @@ def strategy_for(method: str, alpha: float) -> bilevel.Strategy:
     if method == "identity":
         return bilevel.Identity(alpha=alpha)
     if method == "unroll3":
-        # BilevelOptimizer differentiates through its own last 3 inner (Adam) updates;
-        # Unroll.optimizer is only used by the functional hypergradient().
-        return bilevel.Unroll(steps=3, optimizer=torchopt.sgd(alpha))
+        return bilevel.Unroll(steps=3)  # BilevelOptimizer differentiates through its own last 3 inner updates
     return bilevel.Neumann(steps=3, alpha=alpha)
 
 
@@ -477,9 +475,12 @@ def _std(xs: list[float]) -> float:
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    child = args.measure_memory is not None  # the memory subprocess writes no files
+    # --out and --device are checked before any work
+    args.device = str(common.resolve_device(args.device) if child else common.prepare(args))
     cfg = config(args)
     data = load_data(args, cfg)
-    if args.measure_memory is not None:  # child process of measure_memory()
+    if child:  # child process of measure_memory()
         peak = measure_here(args.measure_memory, data, cfg, args)
         print(json.dumps({"peak_mem_bytes": peak}))
         return {"peak_mem_bytes": peak}

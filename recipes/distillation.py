@@ -166,7 +166,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    device = recipe_common.resolve_device(args.device)
+    device = recipe_common.prepare(args)  # --out and --device checked before any work
     args.rank, args.world, device = recipe_common.setup_distributed(device)
     threads = torch.get_num_threads()
     if device.type == "cpu" and args.dataset == "digits":
@@ -256,7 +256,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         "test_acc_full_data": acc_full,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    plot_images(distilled.cpu(), example.cpu(), acc_distilled, random_accs[0], args.out / "distillation_images.png")
+    plot_images(distilled.cpu(), example.cpu(), acc_distilled, random_accs, args.out / "distillation_images.png")
     plot_history(history, args.out / "distillation_loss.png")
     torch.save(distilled.cpu(), args.out / "distilled_images.pt")  # reload with torch.load
     recipe_common.write_results(args.out, results)
@@ -285,14 +285,16 @@ def _show(ax: Any, image: Tensor) -> None:
     ax.set_yticks([])
 
 
-def plot_images(distilled: Tensor, real: Tensor, acc_distilled: float, acc_real: float, path: Path) -> None:
+def plot_images(distilled: Tensor, real: Tensor, acc_distilled: float, acc_real: list[float], path: Path) -> None:
+    """The distilled images above the first random real draw; ``acc_real`` holds every draw's accuracy."""
     fig, axes = plt.subplots(2, N_CLASSES, figsize=(1.2 * N_CLASSES, 3.0))
     for c in range(N_CLASSES):
         _show(axes[0, c], distilled[c])
         _show(axes[1, c], real[c])
         axes[0, c].set_title(str(c))
     axes[0, 0].set_ylabel(f"distilled\n{acc_distilled:.1%}")
-    axes[1, 0].set_ylabel(f"random real\n{acc_real:.1%}")
+    mean = sum(acc_real) / len(acc_real)
+    axes[1, 0].set_ylabel(f"random real\nthis draw {acc_real[0]:.1%}\nmean of {len(acc_real)}: {mean:.1%}")
     fig.suptitle(
         "One training image per class (red > 0, blue < 0, white = 0); "
         "test accuracy of a logistic regression trained on the row"

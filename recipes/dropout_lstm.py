@@ -493,6 +493,7 @@ def plot(results: dict, out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    args.device = str(common.prepare(args))  # --out and --device checked before any work
     cfg = config(args)
     train_ids, val_ids, test_ids, vocab = text_data.load_corpus(args.corpus, args.data_dir)
     if cfg["max_tokens"]:

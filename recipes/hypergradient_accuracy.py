@@ -290,7 +290,7 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = recipe_common.resolve_device(args.device)
+    device = recipe_common.prepare(args)  # --out and --device checked before any work
     start = time.perf_counter()
     # A 49–97-weight model is all per-op overhead: one CPU thread is several times faster than two
     # threads contending for a busy machine. Restored on exit (main() may be called in-process).

@@ -246,7 +246,7 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = recipe_common.resolve_device(args.device)
+    device = recipe_common.prepare(args)  # --out and --device checked before any work
     args.rank, args.world, device = recipe_common.setup_distributed(device)
     # 8×8 digits models are all per-op overhead: one CPU thread beats two threads contending on a
     # busy machine. Restored on exit (main() may be called in-process).

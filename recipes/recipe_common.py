@@ -6,10 +6,13 @@ Each recipe is a standalone script; copy this file next to it when you copy a re
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
 import random
+import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
@@ -29,6 +33,24 @@ def base_parser(name: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--out", type=Path, default=Path("runs") / name, help=f"output directory (default runs/{name})")
     return parser
+
+
+def prepare(args: argparse.Namespace) -> torch.device:
+    """Check ``--out`` and ``--device`` before any work (a bad flag fails at once, not after training)."""
+    check_out(args.out)
+    return resolve_device(args.device)
+
+
+def check_out(path: Path) -> None:
+    """Create the ``--out`` directory now, or raise a ValueError naming the flag."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path}: is a file; pass a directory for results.json and the figures.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {path}: cannot create the directory ({err.strerror}).") from None
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"--out {path}: the directory is not writable.")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -82,30 +104,77 @@ def shard(x: torch.Tensor, y: torch.Tensor, rank: int, world: int) -> tuple[torc
 
 
 def save_checkpoint(path: Path | None, state: dict) -> None:
-    """torch.save to a temporary file, then an atomic os.replace (a kill never leaves half a file)."""
+    """torch.save to a fresh temporary file beside ``path``, then an atomic ``os.replace``: a kill
+    never leaves half a file, and two writers never share a temporary file."""
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_LOCKS: dict[Path, Any] = {}  # open lock files, held for the life of the process
 
 
 def load_checkpoint(path: Path | None, fingerprint: dict) -> dict | None:
-    """The checkpoint at ``path`` (None if there is none), refusing one written with other flags.
+    """Claim ``path`` for this run and return the checkpoint there (None if there is none).
 
-    Recipe checkpoints hold RNG states and results besides ``BilevelOptimizer.state_dict()``; they
-    are files the recipe wrote itself, hence ``weights_only=False``.
+    Refuses a checkpoint written with other flags, and a path another running process has claimed
+    (two runs writing one checkpoint would resume from each other's state). Checkpoints hold only
+    tensors, numbers, strings and containers, so they load with ``weights_only=True``.
     """
-    if path is None or not path.exists():
+    if path is None:
         return None
-    state = torch.load(path, weights_only=False)
+    _claim(path)
+    if not path.exists():
+        return None
+    state = torch.load(path, weights_only=True)
     if state.get("fingerprint") != fingerprint:
         raise ValueError(
             f"`--checkpoint {path}` was written by a run with different flags ({state.get('fingerprint')}); "
             f"use the same flags to resume, or another path."
         )
     return state
+
+
+def _claim(path: Path) -> None:
+    """An exclusive advisory lock on ``PATH.lock`` (POSIX; elsewhere nothing is locked)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks in the standard library
+        return
+    key = path.resolve()
+    if key in _LOCKS:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path.with_name(path.name + ".lock"), "a+")  # held open: the lock lasts as long as the run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ValueError(
+            f"`--checkpoint {path}` is in use by another running process; give each run its own checkpoint."
+        ) from None
+    _LOCKS[key] = handle
+
+
+def release_checkpoint(path: Path) -> None:
+    """Give up the claim :func:`load_checkpoint` took on ``path`` (also done at exit)."""
+    handle = _LOCKS.pop(path.resolve(), None)
+    if handle is not None:
+        handle.close()
+
+
+@atexit.register
+def _release_all() -> None:
+    for key in list(_LOCKS):
+        release_checkpoint(key)
 
 
 class Stop(Exception):
@@ -121,12 +190,17 @@ def seed_everything(seed: int) -> torch.Generator:
 
 @contextmanager
 def progress(description: str, total: int, enabled: bool = True) -> Iterator[Any]:
-    """A rich progress bar with a live ``status`` field; yields ``update(advance=1, **status)``.
+    """Progress with a live ``status`` field; yields ``update(advance=1, **status)``.
 
+    In a terminal, a rich progress bar. When stdout is not a terminal (piped to a log file, a
+    cluster job), one plain line every 5 % and at the end, which reads well in a file.
     ``enabled=False`` (e.g. on ranks other than 0 under torchrun) shows nothing.
     """
     if not enabled:
         yield lambda advance=1, **status: None
+        return
+    if not Console().is_terminal:
+        yield _LogLines(description, total).update
         return
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -140,10 +214,41 @@ def progress(description: str, total: int, enabled: bool = True) -> Iterator[Any
         task = bar.add_task(description, total=total, status="")
 
         def update(advance: int = 1, **status: float) -> None:
-            text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in status.items())
-            bar.update(task, advance=advance, status=text)
+            bar.update(task, advance=advance, status=_status(status))
 
         yield update
+
+
+def _status(status: dict[str, Any]) -> str:
+    return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in status.items())
+
+
+class _LogLines:
+    """Progress as plain lines: ``description  120/300 (40%)  0:01:05 elapsed, ~0:01:38 left  status``."""
+
+    def __init__(self, description: str, total: int, every: float = 0.05) -> None:
+        self.description, self.total, self.every = description, max(total, 1), every
+        self.done, self.next, self.start = 0, every, time.monotonic()
+
+    def update(self, advance: int = 1, **status: Any) -> None:
+        self.done += advance
+        fraction = self.done / self.total
+        if fraction + 1e-12 < self.next and self.done < self.total:
+            return
+        while self.next <= fraction + 1e-12:
+            self.next += self.every
+        elapsed = time.monotonic() - self.start
+        left = elapsed * (1 - fraction) / fraction if fraction > 0 else 0.0
+        line = (
+            f"{self.description}  {self.done}/{self.total} ({100 * fraction:.0f}%)  {_clock(elapsed)} elapsed, "
+            f"~{_clock(left)} left  {_status(status)}"
+        )
+        print(line.rstrip(), flush=True)
+
+
+def _clock(seconds: float) -> str:
+    whole = round(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
 def _plain(value: Any) -> Any:

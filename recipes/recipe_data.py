@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -53,21 +54,41 @@ def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (the MNIST format), optionally gzip-compressed.
 
     Layout: two zero bytes, a dtype code, the number of dimensions d, then d big-endian uint32
-    sizes, then the data in row-major order.
+    sizes, then the data in row-major order. A truncated or corrupt file raises ``ValueError``
+    naming it.
     """
     path = Path(path)
-    with _open(path) as f:
-        header = f.read(4)
-        if len(header) != 4 or header[0] != 0 or header[1] != 0 or header[2] not in _IDX_DTYPES:
-            raise ValueError(f"{path} is not an IDX file (bad magic number {header!r}).")
-        ndim = header[3]
-        shape = struct.unpack(f">{ndim}I", f.read(4 * ndim))
-        dtype = np.dtype(_IDX_DTYPES[header[2]])
-        data = np.frombuffer(f.read(), dtype=dtype)
+    try:
+        with _open(path) as f:
+            header = f.read(4)
+            if len(header) != 4 or header[0] != 0 or header[1] != 0 or header[2] not in _IDX_DTYPES:
+                raise ValueError(f"{path} is not an IDX file (bad magic number {header!r}).")
+            ndim = header[3]
+            sizes = f.read(4 * ndim)
+            if len(sizes) != 4 * ndim:
+                raise ValueError(f"{path}: truncated IDX header ({len(sizes)} of {4 * ndim} size bytes).")
+            shape = struct.unpack(f">{ndim}I", sizes)
+            dtype = np.dtype(_IDX_DTYPES[header[2]])
+            raw = f.read()
+    except (EOFError, OSError, zlib.error) as err:  # gzip raises these for cut or damaged streams
+        raise ValueError(f"{path}: truncated or corrupt file ({type(err).__name__}: {err}).") from None
     expected = int(np.prod(shape))
-    if data.size != expected:
-        raise ValueError(f"{path}: header promises {expected} values of shape {shape}, found {data.size}.")
-    return data.reshape(shape)
+    if len(raw) != expected * dtype.itemsize:
+        raise ValueError(
+            f"{path}: header promises {expected} values of shape {shape} ({expected * dtype.itemsize} bytes), "
+            f"found {len(raw)} bytes; the file is truncated or not what it claims."
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def check_labels(labels: np.ndarray, classes: int, where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` unless every label is an integer in [0, classes)."""
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        bad = labels[(labels < 0) | (labels >= classes)]
+        raise ValueError(
+            f"{where}: labels must lie in 0..{classes - 1}, found {sorted(set(bad.tolist()))[:5]}; "
+            f"is this the right file?"
+        )
 
 
 def _find(data_dir: Path, stem: str) -> Path:
@@ -90,6 +111,7 @@ def load_mnist(data_dir: str | Path, split: str = "train") -> tuple[Tensor, Tens
     labels = read_idx(_find(data_dir, f"{prefix}-labels-idx1-ubyte"))
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise ValueError(f"MNIST {split} files in {data_dir} disagree: images {images.shape}, labels {labels.shape}.")
+    check_labels(labels, 10, f"MNIST {split} labels in {data_dir}")
     x = torch.tensor(images.astype(np.float32) / 255.0).unsqueeze(1)
     return x, torch.tensor(labels.astype(np.int64))
 
@@ -98,8 +120,14 @@ def load_mnist(data_dir: str | Path, split: str = "train") -> tuple[Tensor, Tens
 
 
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+    except (EOFError, pickle.UnpicklingError, ValueError) as err:
+        raise ValueError(f"{path}: truncated or corrupt CIFAR-10 batch ({type(err).__name__}: {err}).") from None
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise ValueError(f"{path}: not a CIFAR-10 python batch (expected a dict with b'data' and b'labels').")
+    return batch
 
 
 def load_cifar10(data_dir: str | Path, split: str = "train") -> tuple[Tensor, Tensor]:
@@ -123,8 +151,12 @@ def load_cifar10(data_dir: str | Path, split: str = "train") -> tuple[Tensor, Te
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             raise ValueError(f"{data_dir / name}: expected data of shape (N, 3072), got {data.shape}.")
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+        if labels.shape != (len(data),):
+            raise ValueError(f"{data_dir / name}: {len(data)} images but labels of shape {labels.shape}.")
+        check_labels(labels, 10, str(data_dir / name))
         xs.append(data.reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(batch[b"labels"], dtype=np.int64))
+        ys.append(labels)
     x = torch.tensor(np.concatenate(xs).astype(np.float32) / 255.0)
     return x, torch.tensor(np.concatenate(ys))
 

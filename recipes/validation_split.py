@@ -209,7 +209,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    device = recipe_common.resolve_device(args.device)
+    device = recipe_common.prepare(args)  # --out and --device checked before any work
     threads = torch.get_num_threads()
     if device.type == "cpu":
         # 64×10 weights: on a small, shared CPU, extra threads cost more in synchronisation than they

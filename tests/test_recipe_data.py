@@ -43,6 +43,34 @@ def test_idx_rejects_bad_files(tmp_path):
         data.load_mnist(tmp_path)
 
 
+def test_truncated_or_out_of_range_files_name_themselves(tmp_path):
+    labels = np.arange(10, dtype=np.uint8)
+    images = np.zeros((10, 28, 28), dtype=np.uint8)
+    gz = write_idx(tmp_path / "train-images-idx3-ubyte", images, compress=True)
+    gz.write_bytes(gz.read_bytes()[:30])  # a download cut short
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte\.gz: truncated or corrupt"):
+        data.read_idx(gz)
+    raw = write_idx(tmp_path / "raw-idx1-ubyte", labels)
+    raw.write_bytes(raw.read_bytes()[:6])  # cut inside the header
+    with pytest.raises(ValueError, match="raw-idx1-ubyte: truncated IDX header"):
+        data.read_idx(raw)
+    write_idx(tmp_path / "train-images-idx3-ubyte", images)
+    (tmp_path / "train-images-idx3-ubyte.gz").unlink()
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 12], dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"MNIST train labels in .*: labels must lie in 0\.\.9, found \[12\]"):
+        data.load_mnist(tmp_path, "train")
+    folder = tmp_path / "cifar"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)]:
+        write_cifar_batch(folder / name, np.zeros((2, 3072)), [0, 1])
+    write_cifar_batch(folder / "data_batch_3", np.zeros((2, 3072)), [0, 10])
+    with pytest.raises(ValueError, match=r"data_batch_3: labels must lie in 0\.\.9, found \[10\]"):
+        data.load_cifar10(folder, "train")
+    (folder / "data_batch_2").write_bytes((folder / "data_batch_2").read_bytes()[:100])
+    with pytest.raises(ValueError, match="data_batch_2: truncated or corrupt"):
+        data.load_cifar10(folder, "train")
+
+
 def test_cifar10_pickle_batches_round_trip(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
