@@ -48,31 +48,58 @@ def _check_hvp(cls: str, value: Any) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Neumann:
-    r"""Truncated Neumann series for the inverse Hessian (Algorithm 3 of the paper).
+    r"""Truncated Neumann series for the inverse Hessian (Eq. 9 and Algorithm 3 of the paper).
 
     $$
     H^{-1} v \approx \alpha \sum_{j=0}^{\text{steps}-1} (I - \alpha H)^j v
     $$
 
-    using ``steps − 1`` Hessian-vector products. The series converges when
-    \(0 < \alpha\,\lambda_i(H) < 2\) for every eigenvalue \(\lambda_i(H)\) of the training
-    Hessian; ``alpha="auto"`` sets \(\alpha = 1/\hat\lambda_{\max}\) from ``power_iters``
-    products of power iteration. By the paper's Theorem 2 this equals ``steps`` unrolled SGD steps
-    of learning rate α started at w*.
+    ``steps`` terms, using ``steps − 1`` Hessian-vector products (each term is the previous one
+    times I − αH). Along an eigenvector of H with eigenvalue \(\mu_j\) the series applies
+    \((1 - (1 - \alpha\mu_j)^{\text{steps}})/\mu_j\) instead of \(1/\mu_j\). It converges as
+    ``steps`` grows iff \(0 < \alpha\mu_j < 2\) for every j, with error shrinking by
+    \(\max_j |1 - \alpha\mu_j|\) per term at worst; that rate is best at
+    \(\alpha = 2/(\mu_{\min} + \mu_{\max})\) and worse for any larger α.
+
+    ``alpha="auto"`` sets \(\alpha = 1/\hat\rho\), where \(\hat\rho \le \max_j |\mu_j|\) is a
+    power-iteration estimate of the spectral radius from ``power_iters`` products. For a positive
+    semi-definite H this rules out a step too large for the top of the spectrum (every
+    \(\alpha\mu_j\) stays near or below 1). It cannot help with negative eigenvalues: there
+    \(|1 - \alpha\mu_j| > 1\) for every α > 0, and that component grows with ``steps`` whatever
+    α is — keep the series short, damp, or train closer to a minimum.
+
+    By the paper's Theorem 2, ``Neumann(steps=i, alpha=α)`` equals ``i`` plain gradient-descent steps
+    of learning rate α unrolled from w* (``Unroll(i, torchopt.sgd(lr=α))``; not momentum or Adam).
+
+    Step-count conventions:
+        Other codes and the paper count differently. The same vector, written in each convention:
+
+        | elsewhere | HVPs | here |
+        | --- | --- | --- |
+        | paper, Eq. 9 with i terms (no outer α) | i − 1 | ``Neumann(steps=i, alpha=α)`` / α |
+        | paper, Algorithm 3 with i iterations (no outer α) | i | ``Neumann(steps=i+1, alpha=α)`` / α |
+        | paper's official code, ``num_neumann_terms=K``, learning rate α | K | ``Neumann(steps=K+1, alpha=α)`` |
+        | torchopt ``linear_solve.solve_inv(ns=True, maxiter=m, alpha=α)`` | m | ``Neumann(steps=m+1, alpha=α)`` |
+        | torchopt ``solve_inv(ns=True, maxiter=m)`` (no ``alpha``) | m | ``Neumann(steps=m+1, alpha=1.0)`` |
+        | ``Identity(alpha=α)`` | 0 | ``Neumann(steps=1, alpha=α)`` |
+
+        So the paper's "3 Neumann" (3 HVPs in its Algorithm 3 and code) is ``Neumann(steps=4)``.
+        ``tests/test_conventions.py`` checks every row.
 
     Args:
-        steps: number of series terms (≥ 1); ``steps=1`` is [`Identity`][bilevel.Identity].
+        steps: number of series terms (≥ 1), i.e. HVPs + 1; ``steps=1`` is
+            [`Identity`][bilevel.Identity].
         alpha: step size α > 0, or ``"auto"``.
         hvp: how Hessian-vector products are computed (default [`ReverseHVP`][bilevel.ReverseHVP]).
-        power_iters: products spent estimating λ_max when ``alpha="auto"``.
+        power_iters: products spent estimating the spectral radius when ``alpha="auto"``.
         refresh_every: with ``alpha="auto"`` in [`BilevelOptimizer`][bilevel.BilevelOptimizer], re-estimate
-            λ_max on every ``refresh_every``-th hyperstep and reuse it in between. The default 10
-            spends ``power_iters / 10`` = 2 products per hyperstep on the estimate instead of 20
-            (with ``steps=5`` a fresh estimate every hyperstep cost 5× the series itself): between
-            hypersteps the weights move by a few inner steps and the curvature changes slowly, and a
-            stale α is caught — a hyperstep whose series grows (``info.growth > 1``) or is
-            non-finite with a reused α is recomputed at once with a fresh estimate. The functional
-            [`hypergradient`][bilevel.hypergradient] estimates it on every call.
+            the spectral radius on every ``refresh_every``-th hyperstep and reuse it in between. The
+            default 10 spends ``power_iters / 10`` = 2 products per hyperstep on the estimate instead
+            of 20 (with ``steps=5`` a fresh estimate every hyperstep cost 5× the series itself):
+            between hypersteps the weights move by a few inner steps and the curvature changes
+            slowly, and a stale α is caught — a hyperstep that is non-finite or whose series diverges
+            (``info.diverging``) with a reused α is recomputed at once with a fresh estimate. The
+            functional [`hypergradient`][bilevel.hypergradient] estimates it on every call.
 
     Example:
         >>> import bilevel
@@ -80,7 +107,7 @@ class Neumann:
         'neumann'
 
     References:
-        Lorraine, Vicol & Duvenaud (2020), Eq. 9 and Algorithm 3.
+        Lorraine, Vicol & Duvenaud (2020), Eq. 9, Algorithm 3 and Theorem 2.
     """
 
     steps: int
@@ -161,10 +188,13 @@ class ConjugateGradient:
     \qquad \mathcal{K}_k = \operatorname{span}\{b, (H+\delta I) b, \dots, (H+\delta I)^{k-1} b\},
     $$
 
-    with \(b = \partial L_V/\partial w\), one Hessian-vector product per iteration. Stops when
+    with \(b = \partial L_V/\partial w\), one Hessian-vector product per iteration: \(x_k\) is the
+    point of \(\mathcal{K}_k\) closest to the solution in the (H + δI)-norm. Stops when
     ‖r‖ ≤ tol·‖b‖ or after ``maxiter`` Hessian-vector products. Converges when H + δI is
-    positive definite; ``damping`` δ > 0 regularises an indefinite or ill-conditioned
-    Hessian (the solve then targets the damped system).
+    positive definite and every product uses the same matrix; ``damping`` δ > 0 regularises an
+    indefinite or ill-conditioned Hessian (the solve then targets the damped system). Each
+    iteration reads two scalars on the host (for the step length and the convergence test): on a
+    GPU, two synchronisations per iteration.
 
     Args:
         maxiter: maximum number of CG iterations (one HVP each), ≥ 1.
@@ -253,7 +283,8 @@ class Unroll:
 
     References:
         Maclaurin, Duvenaud & Adams (2015); Shaban et al. (2019) for truncation; Lorraine, Vicol
-        & Duvenaud (2020), Section 4.2 and Theorem 2 (SGD unrolled from w* is the Neumann series).
+        & Duvenaud (2020), Section 4.2 and Theorem 2 (plain SGD unrolled from w* is the Neumann
+        series: ``Unroll(i, torchopt.sgd(lr=α))`` from w* equals ``Neumann(steps=i, alpha=α)``).
     """
 
     steps: int
