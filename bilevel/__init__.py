@@ -7,6 +7,7 @@ Implicit Differentiation", on torch.func and torchopt.
 from bilevel._distributed import DataParallel, MicroBatches
 from bilevel._hvp import HVP, FiniteDifferenceHVP, ForwardOverReverseHVP, ReverseHVP
 from bilevel._hypergradient import HypergradInfo, hypergradient
+from bilevel._module import FunctionalModule
 from bilevel._optimizer import BilevelOptimizer, NonFiniteError, StepResult
 from bilevel._strategies import ConjugateGradient, Exact, Identity, Neumann, Strategy, Unroll
 
@@ -18,6 +19,7 @@ __all__ = [
     "Exact",
     "FiniteDifferenceHVP",
     "ForwardOverReverseHVP",
+    "FunctionalModule",
     "HypergradInfo",
     "Identity",
     "MicroBatches",

@@ -25,12 +25,15 @@ VERSION = 2
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-    """One inner step remembered for ``Unroll``: where it started and on which batch (a private copy)."""
+    """One applied inner step remembered for ``Unroll``: where it started (weights, optimiser and model
+    state), on which batch (a private copy) and its index (which fixes its random numbers)."""
 
     w: Leaves
     inner_state: Any
     inner_started: bool
     batch: Any
+    s: Leaves
+    step: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +42,8 @@ class RunState:
 
     w: Leaves
     h: Leaves
+    s: Leaves  # the model state (e.g. BatchNorm running statistics); () without one
+    seed: int  # every random number of the run derives from it
     inner_state: Any
     outer_state: Any
     inner_started: bool  # has an inner update been applied? (torchopt's momentum first-call flag)
@@ -50,6 +55,7 @@ class RunState:
     skipped_outer: int
     alpha: float | None  # the cached Neumann step size of alpha="auto"
     alpha_age: int  # hypersteps since it was estimated
+    solution: Leaves | None = None  # the last hyperstep's linear-solve solution (warm starts)
     window: tuple[Record, ...] = ()
 
     def replace(self, **changes: Any) -> RunState:
@@ -65,6 +71,8 @@ def to_dict(run: RunState) -> dict[str, Any]:
         "version": VERSION,
         "params": list(run.w),
         "hparams": list(run.h),
+        "state": list(run.s),
+        "seed": run.seed,
         "inner_state": optree.tree_leaves(run.inner_state),
         "inner_structure": describe(run.inner_state),
         "outer_state": optree.tree_leaves(run.outer_state),
@@ -78,12 +86,15 @@ def to_dict(run: RunState) -> dict[str, Any]:
         "skipped_outer": run.skipped_outer,
         "alpha": run.alpha,
         "alpha_age": run.alpha_age,
+        "solution": None if run.solution is None else list(run.solution),
         "window": [
             {
                 "params": list(r.w),
                 "inner_state": optree.tree_leaves(r.inner_state),
                 "inner_started": r.inner_started,
                 "batch": r.batch,
+                "state": list(r.s),
+                "step": r.step,
             }
             for r in run.window
         ],
@@ -93,8 +104,8 @@ def to_dict(run: RunState) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- loading
 
 _KEYS = (
-    "params hparams inner_state inner_structure outer_state outer_structure inner_started outer_started steps "
-    "hypersteps skipped_inner skipped_inner_warned skipped_outer alpha alpha_age window"
+    "params hparams state seed inner_state inner_structure outer_state outer_structure inner_started outer_started "
+    "steps hypersteps skipped_inner skipped_inner_warned skipped_outer alpha alpha_age solution window"
 ).split()
 
 
@@ -114,6 +125,11 @@ def from_dict(saved: Any, like: RunState, window_size: int) -> RunState:
         raise ValueError(f"`state` lacks the entries {missing}; it is not a complete BilevelOptimizer.state_dict().")
     _check_tensors(saved["params"], like.w, "params")
     _check_tensors(saved["hparams"], like.h, "hparams")
+    _check_tensors(saved["state"], like.s, "state")
+    if isinstance(saved["seed"], bool) or not isinstance(saved["seed"], int):
+        raise TypeError(f"`state['seed']` must be an int, got {saved['seed']!r}.")
+    if saved["solution"] is not None:
+        _check_tensors(saved["solution"], like.w, "solution")
     inner = _optimizer_state(saved, "inner", like.inner_state)
     outer = _optimizer_state(saved, "outer", like.outer_state)
     for key in ("inner_started", "outer_started"):
@@ -128,6 +144,8 @@ def from_dict(saved: Any, like: RunState, window_size: int) -> RunState:
     return RunState(
         w=tuple(saved["params"]),
         h=tuple(saved["hparams"]),
+        s=tuple(saved["state"]),
+        seed=saved["seed"],
         inner_state=inner,
         outer_state=outer,
         inner_started=saved["inner_started"],
@@ -139,6 +157,7 @@ def from_dict(saved: Any, like: RunState, window_size: int) -> RunState:
         skipped_outer=saved["skipped_outer"],
         alpha=alpha,
         alpha_age=saved["alpha_age"],
+        solution=None if saved["solution"] is None else tuple(saved["solution"]),
         window=window,
     )
 
@@ -176,13 +195,24 @@ def _window(saved: Any, like: RunState, size: int) -> tuple[Record, ...]:
         )
     records = []
     for i, entry in enumerate(saved):
-        keys = {"params", "inner_state", "inner_started", "batch"}
+        keys = {"params", "inner_state", "inner_started", "batch", "state", "step"}
         if not isinstance(entry, dict) or set(entry) != keys:
             raise ValueError(f"`state['window'][{i}]` must be a dict with keys {sorted(keys)}.")
         _check_tensors(entry["params"], like.w, f"window'][{i}]['params")
         inner = _rebuild(entry["inner_state"], like.inner_state, f"window'][{i}]['inner_state")
         _check_type(entry["inner_started"], bool, f"window'][{i}]['inner_started")
-        records.append(Record(tuple(entry["params"]), inner, entry["inner_started"], entry["batch"]))
+        _check_tensors(entry["state"], like.s, f"window'][{i}]['state")
+        _check_count(entry["step"], f"window'][{i}]['step")
+        records.append(
+            Record(
+                tuple(entry["params"]),
+                inner,
+                entry["inner_started"],
+                entry["batch"],
+                tuple(entry["state"]),
+                entry["step"],
+            )
+        )
     return tuple(records)
 
 

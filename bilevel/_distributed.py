@@ -114,6 +114,10 @@ class DataParallel:
     def world_size(self) -> int:
         return dist.get_world_size(self.group)
 
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
     def mean(self, tensors: Sequence[Tensor]) -> list[Tensor]:
         """Average tensors over ranks in a single all-reduce of one flat buffer per dtype."""
         out: list[Tensor] = list(tensors)

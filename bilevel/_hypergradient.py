@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel import _linalg, _tree
+from bilevel import _linalg, _random, _tree
 from bilevel._distributed import DataParallel, parts
 from bilevel._hvp import ReverseHVP
 from bilevel._problem import Loss, Problem
@@ -72,6 +73,8 @@ class HypergradInfo:
             of α too large for the top of the spectrum (αμ_max > 2); the hypergradient is then
             wrong, often by orders of magnitude. Growth with ``diverging`` False comes from negative
             curvature (μ < 0: not at a minimum), which no α cures; see docs/debugging.md.
+        solution: the solve's x ≈ (H + δI)⁻¹ ∂L_V/∂w, shaped like ``params`` (IFT strategies): pass it
+            as ``init=`` to warm-start the next call's ``ConjugateGradient`` or ``Neumann``.
         failure: why the hypergradient could not be computed (its entries are then NaN), e.g. a
             singular Hessian for ``Exact`` or a zero Hessian for ``alpha="auto"``; ``None`` when it
             was.
@@ -99,6 +102,7 @@ class HypergradInfo:
     alpha: float | None = None
     lambda_max: float | None = None
     power_hvps: int = 0
+    solution: Any = None
     growth: Tensor | None = None
     diverging: Tensor | None = None
     failure: str | None = None
@@ -121,14 +125,17 @@ def check_strategy(strategy: Any) -> Strategy:
 
 
 def hypergradient(
-    train_loss: Callable[[Any, Any, Any], Tensor],
-    val_loss: Callable[[Any, Any, Any], Tensor],
+    train_loss: Callable[..., Any],
+    val_loss: Callable[..., Any],
     params: Any,
     hparams: Any,
     train_batch: Any,
     val_batch: Any,
     strategy: Strategy = Neumann(steps=20, alpha=0.01),
     *,
+    state: Any = None,
+    seed: int | None = None,
+    init: Any = None,
     residual: bool = False,
     distributed: DataParallel | None = None,
     autocast: torch.dtype | None = None,
@@ -147,8 +154,10 @@ def hypergradient(
     taken through ``strategy.steps`` inner optimiser updates started at ``params``.
 
     Args:
-        train_loss: ``(params, hparams, batch) -> scalar`` training loss L_T.
-        val_loss: ``(params, hparams, batch) -> scalar`` validation loss L_V (it may ignore hparams).
+        train_loss: ``(params, hparams, batch) -> scalar`` training loss L_T (with ``state``:
+            ``(params, hparams, batch, state) -> (scalar, new_state)``).
+        val_loss: ``(params, hparams, batch) -> scalar`` validation loss L_V (it may ignore hparams);
+            with ``state`` likewise ``(..., state) -> (scalar, new_state)``.
         params: pytree (e.g. dict) of floating tensors, the inner parameters w.
         hparams: pytree of floating tensors, the hyperparameters λ.
         train_batch: passed to ``train_loss`` untouched.
@@ -156,6 +165,15 @@ def hypergradient(
         strategy: [`Neumann`][bilevel.Neumann], [`Identity`][bilevel.Identity],
             [`ConjugateGradient`][bilevel.ConjugateGradient], [`Exact`][bilevel.Exact] or
             [`Unroll`][bilevel.Unroll].
+        state: model state (e.g. [`FunctionalModule.state`][bilevel.FunctionalModule], BatchNorm's
+            running statistics) passed to both losses; the new states they return are discarded
+            here — a hypergradient never changes the model state.
+        seed: the random numbers the losses draw (dropout) are replayed from this seed, so every
+            evaluation of L_T in this call — its gradient, every HVP of any ``hvp`` mode, every
+            micro-batch, the mixed product — sees the same ones, and likewise every evaluation of
+            L_V. ``None`` draws the seed from torch's global generator: one draw per call.
+        init: initial guess for the linear solve (params-shaped; ``ConjugateGradient`` and
+            ``Neumann`` with ``warm_start=True``), e.g. the previous call's ``info.solution``.
         residual: compute the true residual ‖(H + δI)x − ∂L_V/∂w‖ with one extra HVP (Neumann,
             Identity, and CG, whose free recursive residual can drift below it in float32).
         distributed: ``DataParallel`` to average every gradient and product over ranks, each
@@ -192,7 +210,11 @@ def hypergradient(
     """
     strategy = check_strategy(strategy)
     check_unroll_distributed(strategy, distributed)
-    problem, w, h = Problem.create(train_loss, val_loss, params, hparams, autocast=autocast, distributed=distributed)
+    problem, w, h, s = Problem.create(
+        train_loss, val_loss, params, hparams, state=state, autocast=autocast, distributed=distributed
+    )
+    base = _random.draw() if seed is None else _check_seed(seed)
+    seeds = Seeds(_random.derive(base, _random.TRAIN), _random.derive(base, _random.VAL))
     if isinstance(strategy, Unroll):
         if strategy.optimizer is None:
             raise ValueError(
@@ -201,15 +223,42 @@ def hypergradient(
                 "inner optimiser and needs none.)"
             )
         transformation = Transformation(strategy.optimizer)
-        state = transformation.init(problem.params(w))
-        steps = [(k > 0, train_batch) for k in range(strategy.steps)]  # a fresh optimiser: started after one
-        grads, info = unrolled_hypergradient(problem, w, state, h, steps, val_batch, transformation)
+        opt_state = transformation.init(problem.params(w))
+        # A fresh optimiser (started after its first update); the model state carries on from step to step.
+        steps = [UnrollStep(k > 0, train_batch, s if k == 0 else None, seeds.train) for k in range(strategy.steps)]
+        grads, info = unrolled_hypergradient(
+            problem, w, opt_state, h, steps, val_batch, None, seeds.val, transformation
+        )
     else:
         check_exact_fits(strategy, w)
-        grads, info = ift_hypergradient(problem, w, h, train_batch, val_batch, strategy, residual=residual)
+        x0 = None if init is None else _check_init(init, problem, w)
+        grads, info = ift_hypergradient(
+            problem, w, h, s, train_batch, val_batch, strategy, seeds, init=x0, residual=residual
+        )
     if info.failure is not None:
         warnings.warn(f"hypergradient: {info.failure}", RuntimeWarning, stacklevel=2)
     return problem.hparams(grads), info
+
+
+@dataclasses.dataclass(frozen=True)
+class Seeds:
+    """The seeds replayed for every evaluation of L_T and of L_V within one hypergradient."""
+
+    train: int | None
+    val: int | None
+
+
+def _check_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"`seed={seed!r}`: must be an int or None.")
+    return int(seed)
+
+
+def _check_init(init: Any, problem: Problem, w: Leaves) -> Leaves:
+    leaves, spec = _tree.flatten(init, "init", floating=True)
+    if spec != problem.params_spec or any(a.shape != b.shape for a, b in zip(leaves, w)):
+        raise ValueError("`init` must have the structure and shapes of `params` (e.g. a previous info.solution).")
+    return tuple(a.to(b.dtype) for a, b in zip(leaves, w))
 
 
 def check_exact_fits(strategy: Strategy, w: Leaves) -> None:
@@ -237,23 +286,30 @@ def ift_hypergradient(
     problem: Problem,
     w: Leaves,
     h: Leaves,
+    s: Leaves,
     train_batch: Any,
     val_batch: Any,
     strategy: Neumann | Identity | ConjugateGradient | Exact,
+    seeds: Seeds,
     *,
+    init: Leaves | None = None,
     residual: bool = False,
 ) -> tuple[list[Tensor], HypergradInfo]:
     """IFT hypergradient on flat leaves; see :func:`hypergradient`.
 
-    A hypergradient that cannot be computed (a zero or non-finite spectral radius for
+    ``s`` is the model state both losses see; ``init`` an initial guess for CG or a warm-started
+    Neumann series. A hypergradient that cannot be computed (a zero or non-finite spectral radius for
     ``alpha="auto"``, a singular Hessian for ``Exact``) comes back as NaN with ``info.failure``
     saying why; callers decide whether to skip, warn or raise.
     """
-    (gw, gh), val = problem.value_and_grad(problem.val_loss, val_batch, w, h, argnums=(0, 1))
+    (gw, gh), val, _ = problem.value_and_grad(problem.val_loss, val_batch, w, h, (0, 1), s, seeds.val)
     name = strategy.name
     if isinstance(strategy, Identity):
         strategy = strategy.as_neumann()
-    op = problem.operator(ReverseHVP() if isinstance(strategy, Exact) else strategy.hvp, train_batch, w, h)
+    if init is not None and name not in ("neumann", "cg"):
+        raise ValueError(f"`init` is an initial guess for ConjugateGradient and Neumann; {name} has no use for one.")
+    hvp = ReverseHVP() if isinstance(strategy, Exact) else strategy.hvp
+    op = problem.operator(hvp, train_batch, w, h, s, seeds.train)
     extra: dict[str, Any] = {}
     failure: str | None = None
 
@@ -274,22 +330,22 @@ def ift_hypergradient(
                         else "Check the training loss for NaN/Inf at these weights."
                     )
                 )
-                return _failed(problem, h, name, op.hvps, val, failure, extra)
+                return _failed(h, name, op.hvps, val, failure, extra)
             alpha = 1.0 / radius
-        series = _linalg.neumann(op.hvp, gw, strategy.steps, alpha)
+        series = _linalg.neumann(op.hvp, gw, strategy.steps, alpha, x0=init)
         x = series.x
         extra.update(alpha=alpha, growth=series.growth, diverging=series.diverging)
         if residual:
             extra["residual"] = _tree.norm(_tree.add(op.hvp(x), gw, -1.0))
     elif isinstance(strategy, ConjugateGradient):
-        cg = _linalg.conjugate_gradient(op.hvp, gw, strategy.maxiter, strategy.tol, strategy.damping)
+        cg = _linalg.conjugate_gradient(op.hvp, gw, strategy.maxiter, strategy.tol, strategy.damping, x0=init)
         x = cg.x
         extra.update(residual=cg.residual, iterations=cg.iterations, converged=cg.converged)
         if residual:  # the recursion's residual drifts from the true one in low precision: recompute
             hx = _tree.add(op.hvp(x), x, strategy.damping) if strategy.damping else op.hvp(x)
             extra["residual"] = _tree.norm(_tree.add(hx, gw, -1.0))
     else:  # Exact
-        hessian = problem.dense_hessian(train_batch, w, h)
+        hessian = problem.dense_hessian(train_batch, w, h, s, seeds.train)
         op.hvps += hessian.shape[0]
         try:
             flat_x, extra["residual"] = _linalg.dense_solve(hessian, _tree.ravel(gw), strategy.damping)
@@ -298,54 +354,78 @@ def ift_hypergradient(
                 f"Exact(damping={strategy.damping}): the training Hessian (+ damping) is singular ({err}). "
                 f"Add damping, e.g. Exact(damping=1e-6), or use ConjugateGradient(damping=...)."
             )
-            return _failed(problem, h, name, op.hvps, val, failure, extra)
+            return _failed(h, name, op.hvps, val, failure, extra)
         x = _tree.unravel(flat_x, w)
 
     grads = _tree.add(gh, op.mixed_vjp(x), -1.0)
-    return grads, HypergradInfo(strategy=name, hvps=op.hvps, val_loss=val, grad_norm=_tree.norm(grads), **extra)
+    info = HypergradInfo(
+        strategy=name, hvps=op.hvps, val_loss=val, grad_norm=_tree.norm(grads), solution=problem.params(x), **extra
+    )
+    return grads, info
 
 
 def _failed(
-    problem: Problem, h: Leaves, name: str, hvps: int, val: Tensor, failure: str, extra: dict[str, Any]
+    h: Leaves, name: str, hvps: int, val: Tensor, failure: str, extra: dict[str, Any]
 ) -> tuple[list[Tensor], HypergradInfo]:
     grads = [torch.full_like(t, math.nan) for t in h]
     nan = torch.full_like(val, math.nan)
     return grads, HypergradInfo(strategy=name, hvps=hvps, val_loss=val, grad_norm=nan, failure=failure, **extra)
 
 
+@dataclasses.dataclass(frozen=True)
+class UnrollStep:
+    """One inner update to differentiate through: whether the optimiser had started (torchopt's
+    momentum treats its first call differently), the batch, the model state it saw (``None``: the
+    previous step's new state) and the seed of its random numbers."""
+
+    started: bool
+    batch: Any
+    state: Leaves | None
+    seed: int | None
+
+
 def unrolled_hypergradient(
     problem: Problem,
     w: Leaves,
-    state: Any,
+    opt_state: Any,
     h: Leaves,
-    steps: Sequence[tuple[bool, Any]],
+    steps: Sequence[UnrollStep],
     val_batch: Any,
+    val_state: Leaves | None,
+    val_seed: int | None,
     transformation: Transformation,
 ) -> tuple[list[Tensor], HypergradInfo]:
     r"""d L_V(w_K(λ), λ)/dλ through K = len(steps) differentiable torchopt updates.
 
-    w₀ = ``w`` with optimiser state ``state``, both held fixed (∂w₀/∂λ = 0);
-    w_{k+1} = w_k + update(∇_w L_T(w_k, λ; batch_k)) for ``steps[k] = (started, batch_k)``, where
-    ``started`` says whether the optimiser had applied an update before (torchopt's momentum
-    treats its first call differently).
+    w₀ = ``w`` with optimiser state ``opt_state``, both held fixed (∂w₀/∂λ = 0);
+    w_{k+1} = w_k + update(∇_w L_T(w_k, λ; batch_k)) with the model state and random numbers of
+    ``steps[k]``; L_V is evaluated at w_K with ``val_state`` (``None``: the state after the last step).
 
     Built on plain autograd (``create_graph=True`` through the loop, one backward at the end) rather
     than nested ``torch.func.grad``: on an MLP (784-512-256-10, batch 512, SGD) the nested transforms
     held 2.1× (K=20) to 2.3× (K=5) the peak memory of the same loop under autograd.
     """
 
-    def mean_over_parts(loss: Loss, batch: Any) -> Callable[[Leaves, Leaves], Tensor]:
-        fs = [problem.on(loss, piece) for piece in parts(batch)]
-        return lambda ww, hh: sum(f(ww, hh) for f in fs) / len(fs)  # type: ignore[return-value]
+    def mean_over_parts(loss: Loss, batch: Any, s: Leaves, seed: int | None) -> tuple[Tensor, Leaves]:
+        total, state = None, s
+        pieces = parts(batch)
+        for piece in pieces:
+            value, state = problem.evaluate(loss, piece, ww, hh, state if loss is problem.train_loss else s, seed)
+            total = value if total is None else total + value
+        assert total is not None
+        return total / len(pieces), state
 
+    model_state: Leaves = ()
     with torch.enable_grad():
         hh = tuple(t.detach().requires_grad_() for t in h)
         ww = tuple(t.detach().requires_grad_() for t in w)
-        for started, batch in steps:
-            loss = mean_over_parts(problem.train_loss, batch)(ww, hh)
+        for step in steps:
+            model_state = model_state if step.state is None else step.state
+            loss, model_state = mean_over_parts(problem.train_loss, step.batch, model_state, step.seed)
             inner_grads = torch.autograd.grad(loss, ww, create_graph=True)
-            ww, state = transformation.apply(problem.params_spec, inner_grads, state, ww, started=started)
-        val = mean_over_parts(problem.val_loss, val_batch)(ww, hh)
+            ww, opt_state = transformation.apply(problem.params_spec, inner_grads, opt_state, ww, started=step.started)
+        final_state = model_state if val_state is None else val_state
+        val, _ = mean_over_parts(problem.val_loss, val_batch, final_state, val_seed)
         found = torch.autograd.grad(val, hh, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for g, t in zip(found, h)]
     hvps = max(len(steps) - 1, 0)  # the first update's w-derivative is zero (w₀ is fixed)

@@ -27,10 +27,17 @@ class NeumannResult:
     diverging: Tensor  # 0-dim bool: the terms grow with alternating sign, i.e. α μ_max > 2
 
 
-def neumann(matvec: MatVec, v: Sequence[Tensor], steps: int, alpha: float) -> NeumannResult:
-    r"""Truncated Neumann series for H⁻¹v with ``steps − 1`` products.
+def neumann(
+    matvec: MatVec, v: Sequence[Tensor], steps: int, alpha: float, x0: Sequence[Tensor] | None = None
+) -> NeumannResult:
+    r"""Truncated Neumann series for H⁻¹v with ``steps − 1`` products (``steps`` from a guess x₀).
 
     .. math:: x = \alpha \sum_{j=0}^{\text{steps}-1} (I - \alpha H)^j v
+
+    From an initial guess x₀ the same series is applied to the residual r₀ = v − Hx₀ (one more
+    product): x = x₀ + α Σ_j (I − αH)^j r₀, which is ``steps`` Richardson iterations
+    x ← x + α(v − Hx) started at x₀ — the error (I − αH)^steps (x₀ − H⁻¹v) shrinks from x₀'s, not
+    from H⁻¹v's.
 
     Departure from the paper's Algorithm 3: there the sum is returned without the outer α (the
     α is absorbed by the caller); we include it, so x → H⁻¹v as steps → ∞ whenever
@@ -43,16 +50,19 @@ def neumann(matvec: MatVec, v: Sequence[Tensor], steps: int, alpha: float) -> Ne
     it is 1 − αμ < −1 (α too large for the top of the spectrum: ``diverging``), positive when it is
     1 − αμ > 1 (negative curvature, μ < 0, which no α > 0 cures).
     """
-    term = list(v)
-    previous = term
-    total = [t.clone() for t in v]
+    first = list(v) if x0 is None else _tree.add(v, matvec(x0), -1.0)  # r₀ = v − H x₀
+    term = previous = first
+    total = [t.clone() for t in first]
     for _ in range(steps - 1):
         previous, term = term, _tree.add(term, matvec(term), -alpha)  # term ← (I − αH) term
         _tree.add_(total, term)
     tiny = torch.finfo(v[0].dtype).tiny
-    growth = _tree.norm(term) / _tree.norm(v).clamp_min(tiny)
+    growth = _tree.norm(term) / _tree.norm(first).clamp_min(tiny)
     diverging = (growth > 1) & (_tree.vdot(term, previous) < 0) if steps > 1 else torch.zeros((), dtype=torch.bool)
-    return NeumannResult(_tree.scale(total, alpha), growth, diverging)
+    x = _tree.scale(total, alpha)
+    if x0 is not None:
+        _tree.add_(x, x0)
+    return NeumannResult(x, growth, diverging)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,21 +75,35 @@ class CGResult:
     converged: bool
 
 
-def conjugate_gradient(matvec: MatVec, b: Sequence[Tensor], maxiter: int, tol: float, damping: float) -> CGResult:
-    r"""Solve (H + δI) x = b by conjugate gradients, starting from x₀ = 0.
+def conjugate_gradient(
+    matvec: MatVec,
+    b: Sequence[Tensor],
+    maxiter: int,
+    tol: float,
+    damping: float,
+    x0: Sequence[Tensor] | None = None,
+) -> CGResult:
+    r"""Solve (H + δI) x = b by conjugate gradients, starting from x₀ (default 0).
 
-    Stops when ‖r‖ ≤ tol · ‖b‖ (relative residual) or after ``maxiter`` products. H must be
-    symmetric; CG is guaranteed to converge only when H + δI is positive definite. If a search
-    direction has zero curvature (pᵀ(H+δI)p = 0) the solve stops there, unconverged.
+    Stops when ‖r‖ ≤ tol · ‖b‖ (relative to b, so a good x₀ stops early) or after ``maxiter``
+    iterations (one product each, plus one for the residual of a given x₀). H must be symmetric; CG
+    is guaranteed to converge only when H + δI is positive definite. If a search direction has zero
+    curvature (pᵀ(H+δI)p = 0) the solve stops there, unconverged.
     """
     # The loop already reads ‖r‖² and pᵀHp on the host to test convergence, so the step sizes are
     # Python floats and every vector update is one fused in-place pass over the tensors: the
     # vector arithmetic is O(P) per iteration and, at small batch, a visible share of an HVP.
-    x = [torch.zeros_like(t) for t in b]
-    r = [t.clone() for t in b]
-    p = [t.clone() for t in b]
+    if x0 is None:
+        x, r = [torch.zeros_like(t) for t in b], [t.clone() for t in b]
+    else:
+        x = [t.clone() for t in x0]
+        hx = matvec(x)
+        if damping:
+            _tree.add_(hx, x, damping)
+        r = _tree.add(b, hx, -1.0)  # r₀ = b − (H + δI) x₀
+    p = [t.clone() for t in r]
     rs = float(_tree.vdot(r, r))
-    threshold = tol * math.sqrt(rs)
+    threshold = tol * (math.sqrt(rs) if x0 is None else float(_tree.norm(b)))
     iterations = 0
     converged = math.sqrt(rs) <= threshold
     while not converged and iterations < maxiter:

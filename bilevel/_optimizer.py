@@ -17,11 +17,13 @@ import torch
 import torchopt
 from torch import Tensor
 
-from bilevel import _tree
+from bilevel import _random, _tree
 from bilevel._checkpoint import Record, RunState, from_dict, to_dict
 from bilevel._distributed import DataParallel, MicroBatches, parts
 from bilevel._hypergradient import (
     HypergradInfo,
+    Seeds,
+    UnrollStep,
     check_exact_fits,
     check_strategy,
     check_unroll_distributed,
@@ -31,6 +33,7 @@ from bilevel._hypergradient import (
 from bilevel._problem import Problem
 from bilevel._strategies import Neumann, Strategy, Unroll
 from bilevel._transform import Transformation, check_transformation, float_leaves
+from bilevel._tree import Leaves
 
 
 class NonFiniteError(FloatingPointError):
@@ -175,12 +178,16 @@ class BilevelOptimizer:
         strict: bool = False,
         distributed: DataParallel | None = None,
         autocast: torch.dtype | None = None,
+        state: Any = None,
+        seed: int | None = None,
     ) -> None:
         self.strategy = check_strategy(strategy)
         check_unroll_distributed(strategy, distributed)
-        self._problem, w, h = Problem.create(
-            train_loss, val_loss, params, hparams, autocast=autocast, distributed=distributed
+        self._problem, w, h, s = Problem.create(
+            train_loss, val_loss, params, hparams, state=state, autocast=autocast, distributed=distributed
         )
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise TypeError(f"`seed={seed!r}`: must be an int, or None to draw one from torch's global generator.")
         check_transformation(inner, "inner")
         check_transformation(outer, "outer")
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, numbers.Integral) or inner_steps < 1:
@@ -209,6 +216,8 @@ class BilevelOptimizer:
         self._run: RunState = RunState(
             w=tuple(t.clone() for t in w),
             h=tuple(t.clone() for t in h),
+            s=s,
+            seed=_random.draw() if seed is None else int(seed),
             inner_state=self.inner.init(self._problem.params(w)),
             outer_state=self.outer.init(self._problem.hparams(h)),
             inner_started=False,
@@ -236,6 +245,17 @@ class BilevelOptimizer:
     def hparams(self) -> Any:
         """Current hyperparameters, with the structure of the ``hparams`` given at construction."""
         return self._problem.hparams(self._run.h)
+
+    @property
+    def state(self) -> Any:
+        """Current model state (e.g. BatchNorm running statistics), with the structure of the ``state``
+        given at construction; ``None`` without one. Only inner steps change it."""
+        return self._problem.state(self._run.s)
+
+    @property
+    def seed(self) -> int:
+        """The seed every random number of the run derives from (given, or drawn at construction)."""
+        return self._run.seed
 
     @property
     def steps(self) -> int:
@@ -280,13 +300,17 @@ class BilevelOptimizer:
 
     def _inner(self, batch: Any) -> tuple[Tensor, Tensor]:
         run, problem = self._run, self._problem
-        (grads,), loss = problem.value_and_grad(problem.train_loss, batch, run.w, run.h, (0,))
+        seed = _random.derive(run.seed, _random.INNER, run.steps)  # inner step k always draws the same numbers
+        (grads,), loss, s = problem.value_and_grad(
+            problem.train_loss, batch, run.w, run.h, (0,), run.s, seed, chain_state=True
+        )
         w, state = self.inner.apply(problem.params_spec, grads, run.inner_state, run.w, started=run.inner_started)
-        written = [*w, *float_leaves(state)]
+        written = [*w, *float_leaves(state), *float_leaves(s)]
         if self._device_select:
             ok = torch.isfinite(loss) & _tree.all_finite(written)
             self._run = run.replace(
-                w=tuple(torch.where(ok, new, old) for new, old in zip(w, run.w)),
+                w=_select(ok, w, run.w),
+                s=_select(ok, s, run.s),
                 inner_state=optree.tree_map(
                     lambda new, old: torch.where(ok, new, old) if isinstance(new, Tensor) else new,
                     state,
@@ -303,15 +327,15 @@ class BilevelOptimizer:
         applied = bool(torch.isfinite(loss)) and (bool(_tree.sum_is_finite(written)) or bool(_tree.all_finite(written)))
         if not applied and self.strict:  # raise before touching any state: the step did not happen
             raise NonFiniteError(
-                f"inner step {run.steps + 1}: non-finite loss, weights or optimiser state; "
-                f"the weights, optimiser state and step counter were left unchanged."
+                f"inner step {run.steps + 1}: non-finite loss, weights, model state or optimiser state; "
+                f"nothing was changed (strict mode)."
             )
         if applied:
             window = run.window
             if self._window_size:  # Unroll: remember where the update started, on a private copy of the batch
-                record = Record(run.w, run.inner_state, run.inner_started, _copy_batch(batch))
+                record = Record(run.w, run.inner_state, run.inner_started, _copy_batch(batch), run.s, run.steps)
                 window = (*window, record)[-self._window_size :]
-            self._run = run.replace(w=w, inner_state=state, inner_started=True, steps=run.steps + 1, window=window)
+            self._run = run.replace(w=w, s=s, inner_state=state, inner_started=True, steps=run.steps + 1, window=window)
             self._check_sync("params after an inner step")
         else:
             self._run = run.replace(steps=run.steps + 1, skipped_inner=run.skipped_inner + 1)
@@ -321,7 +345,7 @@ class BilevelOptimizer:
     def _check_sync(self, what: str) -> None:
         parallel = self._problem.parallel
         if parallel is not None and parallel.check_sync:
-            parallel.assert_in_sync([*self._run.w, *self._run.h], what)
+            parallel.assert_in_sync([*self._run.w, *self._run.h, *self._run.s], what)
 
     def _report_inner_skips(self) -> None:
         skipped = int(self._run.skipped_inner)
@@ -329,7 +353,10 @@ class BilevelOptimizer:
         if new <= 0:
             return
         self._run = self._run.replace(skipped_inner_warned=skipped)
-        message = f"{new} inner update(s) skipped: non-finite loss, weights or optimiser state ({skipped} so far)."
+        message = (
+            f"{new} inner update(s) skipped: non-finite loss, weights, model state or optimiser state "
+            f"({skipped} so far)."
+        )
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     def _hypergradient(
@@ -337,6 +364,10 @@ class BilevelOptimizer:
     ) -> tuple[list[Tensor], HypergradInfo, bool]:
         """The hypergradient at the current state; also whether a cached Neumann α was used."""
         run, strategy = self._run, self.strategy
+        seeds = Seeds(
+            _random.derive(run.seed, _random.TRAIN, run.hypersteps),
+            _random.derive(run.seed, _random.VAL, run.hypersteps),
+        )
         if isinstance(strategy, Unroll):
             if len(run.window) < strategy.steps:
                 raise ValueError(
@@ -344,16 +375,22 @@ class BilevelOptimizer:
                     f"hyperstep to differentiate through; only {len(run.window)} were taken."
                 )
             first = run.window[0]
-            steps = [(r.inner_started, r.batch) for r in run.window]
+            steps = [
+                UnrollStep(r.inner_started, r.batch, r.s, _random.derive(run.seed, _random.INNER, r.step))
+                for r in run.window
+            ]
             grads, info = unrolled_hypergradient(
-                self._problem, first.w, first.inner_state, run.h, steps, val_batch, self.inner
+                self._problem, first.w, first.inner_state, run.h, steps, val_batch, run.s, seeds.val, self.inner
             )
             return grads, info, False
         cached = False
         if isinstance(strategy, Neumann) and strategy.alpha == "auto" and run.alpha is not None:
             cached = reuse_alpha and run.alpha_age < strategy.refresh_every
             strategy = dataclasses.replace(strategy, alpha=run.alpha) if cached else strategy
-        grads, info = ift_hypergradient(self._problem, run.w, run.h, train_batch, val_batch, strategy)
+        init = run.solution if getattr(strategy, "warm_start", False) else None
+        grads, info = ift_hypergradient(
+            self._problem, run.w, run.h, run.s, train_batch, val_batch, strategy, seeds, init=init
+        )
         return grads, info, cached
 
     def _outer(self, train_batch: Any, val_batch: Any) -> tuple[HypergradInfo, bool]:
@@ -386,7 +423,10 @@ class BilevelOptimizer:
         if skip:
             self._run = run.replace(skipped_outer=run.skipped_outer + 1, **common)
             return info, False
-        self._run = run.replace(h=h, outer_state=state, outer_started=True, **common)
+        solution = run.solution
+        if getattr(self.strategy, "warm_start", False) and info.solution is not None:
+            solution = tuple(optree.tree_leaves(info.solution))
+        self._run = run.replace(h=h, outer_state=state, outer_started=True, solution=solution, **common)
         self._check_sync("hparams after a hyperstep")
         return info, True
 
@@ -438,6 +478,10 @@ def _trouble(strategy: Strategy, info: HypergradInfo, written: list[Tensor]) -> 
         )
         return what, advice, False
     return None
+
+
+def _select(ok: Tensor, new: Leaves, old: Leaves) -> Leaves:
+    return tuple(torch.where(ok, a, b) for a, b in zip(new, old))
 
 
 def _copy_batch(batch: Any) -> Any:

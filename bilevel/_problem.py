@@ -15,44 +15,54 @@ import optree
 import torch
 from torch import Tensor
 
-from bilevel import _tree
+from bilevel import _random, _tree
 from bilevel._distributed import DataParallel, parts
 from bilevel._hvp import HVP, MeanOperator, ReducedOperator, _Operator
 from bilevel._tree import Leaves
 
-Loss = Callable[[Any, Any, Any], Tensor]
+Loss = Callable[..., Any]  # (params, hparams, batch[, state]) -> scalar or (scalar, new_state)
 
 _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _checked(loss: Any, name: str) -> Loss:
-    """``loss`` with its output checked: a scalar tensor, connected to the autograd graph.
+def _checked(loss: Any, name: str, stateful: bool) -> Callable[..., Any]:
+    """``loss`` with its output checked: a scalar tensor connected to the autograd graph (and, for a
+    stateful problem, a pair ``(scalar, new_state)``).
 
     A loss computed under ``torch.no_grad``, through ``.detach()`` or from ``.item()`` has no graph:
     its derivatives would silently be zero (a zero hypergradient, or inner steps that do nothing).
     Every evaluation in the library needs a derivative, so such an output is an error.
     """
     if not callable(loss):
-        raise TypeError(
-            f"`{name}` must be a callable (params, hparams, batch) -> scalar Tensor, got {type(loss).__name__}."
-        )
+        signature = "(params, hparams, batch, state) -> (scalar, new_state)" if stateful else ""
+        signature = signature or "(params, hparams, batch) -> scalar Tensor"
+        raise TypeError(f"`{name}` must be a callable {signature}, got {type(loss).__name__}.")
 
-    def checked(params: Any, hparams: Any, batch: Any) -> Tensor:
-        out = loss(params, hparams, batch)
-        if not isinstance(out, Tensor):
-            raise TypeError(f"`{name}` must return a scalar torch.Tensor, got {type(out).__name__}.")
-        if out.ndim != 0:
+    def checked(*args: Any) -> Any:
+        out = loss(*args)
+        if stateful:
+            if not (isinstance(out, (tuple, list)) and len(out) == 2):
+                raise TypeError(
+                    f"`{name}` must return (scalar loss, new_state) when `state=` is given, got "
+                    f"{type(out).__name__}; return the state unchanged if the loss does not update it."
+                )
+            value, new_state = out
+        else:
+            value, new_state = out, None
+        if not isinstance(value, Tensor):
+            raise TypeError(f"`{name}` must return a scalar torch.Tensor, got {type(value).__name__}.")
+        if value.ndim != 0:
             raise ValueError(
-                f"`{name}` must return a scalar (0-dim) Tensor, got shape {tuple(out.shape)}; "
+                f"`{name}` must return a scalar (0-dim) Tensor, got shape {tuple(value.shape)}; "
                 f"reduce it with .mean() or .sum()."
             )
-        if torch.is_grad_enabled() and not out.requires_grad:
+        if torch.is_grad_enabled() and not value.requires_grad:
             raise ValueError(
                 f"`{name}` returned a tensor with no autograd graph (requires_grad=False): it does not depend on "
                 f"params or hparams as far as autograd can see, so every derivative of it would be silently zero. "
                 f"Compute it from the params/hparams it receives, without .detach(), .item() or torch.no_grad()."
             )
-        return out
+        return value, new_state
 
     return checked
 
@@ -60,13 +70,15 @@ def _checked(loss: Any, name: str) -> Loss:
 @dataclasses.dataclass(frozen=True)
 class Problem:
     """A bilevel problem on flat leaves: the losses, the tree structures, and how losses are evaluated
-    (autocast dtype, data-parallel group). Every gradient and product of the core is taken through it."""
+    (model state, replayed random numbers, autocast dtype, data-parallel group). Every gradient and
+    product of the core is taken through :meth:`evaluate`."""
 
-    train_loss: Loss
-    val_loss: Loss
+    train_loss: Callable[..., Any]
+    val_loss: Callable[..., Any]
     params_spec: optree.PyTreeSpec
     hparams_spec: optree.PyTreeSpec
-    device_type: str = "cpu"
+    state_spec: optree.PyTreeSpec | None  # None: the losses take no model state
+    device: torch.device
     autocast: torch.dtype | None = None
     parallel: DataParallel | None = None
 
@@ -78,10 +90,11 @@ class Problem:
         params: Any,
         hparams: Any,
         *,
+        state: Any = None,
         autocast: torch.dtype | None = None,
         distributed: DataParallel | None = None,
-    ) -> tuple[Problem, Leaves, Leaves]:
-        """Validate user inputs; return the problem and detached param and hparam leaves."""
+    ) -> tuple[Problem, Leaves, Leaves, Leaves]:
+        """Validate user inputs; return the problem and detached param, hparam and state leaves."""
         w, params_spec = _tree.flatten(params, "params", floating=True)
         h, hparams_spec = _tree.flatten(hparams, "hparams", floating=True)
         device = _tree.check_same_device(params=w, hparams=h)
@@ -90,6 +103,11 @@ class Problem:
                 "`params` and `hparams` are meta tensors, which have shapes but no data: nothing can be computed "
                 "from them. Materialise them first (e.g. module.to_empty(device='cpu') and initialise the weights)."
             )
+        s: Leaves = ()
+        state_spec = None
+        if state is not None:
+            s, state_spec = _tree.flatten(state, "state", floating=False, allow_empty=True)
+            _tree.check_same_device(params=w, state=s)
         if autocast is not None and autocast not in _AUTOCAST_DTYPES:
             raise ValueError(
                 f"`autocast={autocast!r}`: expected None, torch.bfloat16 (CPU or CUDA) or torch.float16 (CUDA)."
@@ -98,23 +116,60 @@ class Problem:
             if not isinstance(distributed, DataParallel):
                 raise TypeError(f"`distributed` must be None or bilevel.DataParallel(...), got {distributed!r}.")
             distributed.validate()
-        checked_train, checked_val = _checked(train_loss, "train_loss"), _checked(val_loss, "val_loss")
-        problem = cls(checked_train, checked_val, params_spec, hparams_spec, device.type, autocast, distributed)
-        return problem, w, h
+        stateful = state is not None
+        checked_train, checked_val = (
+            _checked(train_loss, "train_loss", stateful),
+            _checked(val_loss, "val_loss", stateful),
+        )
+        problem = cls(checked_train, checked_val, params_spec, hparams_spec, state_spec, device, autocast, distributed)
+        return problem, w, h, tuple(t.clone() for t in s)
 
-    def on(self, loss: Loss, batch: Any) -> Callable[[Leaves, Leaves], Tensor]:
-        """``loss`` as a function of (param leaves, hparam leaves) on one fixed (micro-)batch."""
-        params_spec, hparams_spec, dtype = self.params_spec, self.hparams_spec, self.autocast
+    # ------------------------------------------------------------------------- evaluation
+    def evaluate(
+        self, loss: Callable[..., Any], batch: Any, w: Leaves, h: Leaves, s: Leaves, seed: int | None
+    ) -> tuple[Tensor, Leaves]:
+        """``loss`` at (w, λ) on one (micro-)batch with model state ``s`` and random numbers from
+        ``seed``: its value and the new model state (``s`` itself when the problem has none)."""
+        args = [_tree.unflatten(self.params_spec, w), _tree.unflatten(self.hparams_spec, h), batch]
+        if self.state_spec is not None:
+            args.append(_tree.unflatten(self.state_spec, s))
+        with _random.replay(seed, self.device):
+            if self.autocast is None:
+                value, new_state = loss(*args)
+            else:
+                with torch.autocast(self.device.type, dtype=self.autocast):
+                    value, new_state = loss(*args)
+                # The solve runs in the params' precision; only the loss evaluation is in low precision.
+                value = value.float() if value.dtype in _AUTOCAST_DTYPES else value
+        if self.state_spec is None:
+            return value, s
+        return value, self._new_state(loss, new_state, s)
 
-        def f(w: Leaves, h: Leaves) -> Tensor:
-            if dtype is None:
-                return loss(_tree.unflatten(params_spec, w), _tree.unflatten(hparams_spec, h), batch)
-            with torch.autocast(self.device_type, dtype=dtype):
-                out = loss(_tree.unflatten(params_spec, w), _tree.unflatten(hparams_spec, h), batch)
-            # The solve runs in the params' precision; only the loss evaluation is in low precision.
-            return out.float() if out.dtype in _AUTOCAST_DTYPES else out
+    def _new_state(self, loss: Callable[..., Any], new_state: Any, s: Leaves) -> Leaves:
+        name = "train_loss" if loss is self.train_loss else "val_loss"
+        leaves, spec = optree.tree_flatten(new_state)
+        same = spec == self.state_spec and all(
+            isinstance(a, Tensor) and a.shape == b.shape and a.dtype == b.dtype for a, b in zip(leaves, s)
+        )
+        if not same:
+            raise ValueError(
+                f"`{name}` returned a new_state that does not match `state` (structure {spec}, expected "
+                f"{self.state_spec}, with the same shapes and dtypes): return the state it was given, updated."
+            )
+        return tuple(t.detach() for t in leaves)
 
-        return f
+    def on(
+        self, loss: Callable[..., Any], batch: Any, s: Leaves, seed: int | None
+    ) -> Callable[[Leaves, Leaves], Tensor]:
+        """``loss`` as a function of (param leaves, hparam leaves) alone: batch, model state and random
+        numbers fixed, so that every evaluation — each HVP, each finite difference — is the same function."""
+        return lambda w, h: self.evaluate(loss, batch, w, h, s, seed)[0]
+
+    def seed_for(self, seed: int | None) -> int | None:
+        """Under DataParallel every rank draws its own random numbers (its own dropout masks)."""
+        if seed is None or self.parallel is None:
+            return seed
+        return _random.derive(seed, _random.RANK, self.parallel.rank)
 
     def check_shards(self, batch: Any, name: str) -> None:
         """Under ``DataParallel``, refuse shards whose shapes differ between ranks (see DataParallel)."""
@@ -122,23 +177,39 @@ class Problem:
             self.parallel.check_equal_shards(batch, name)
 
     def value_and_grad(
-        self, loss: Loss, batch: Any, w: Leaves, h: Leaves, argnums: tuple[int, ...]
-    ) -> tuple[list[list[Tensor]], Tensor]:
-        """Gradients of ``loss`` w.r.t. the leaves in ``argnums`` (0: params, 1: hparams) and its value,
-        averaged over micro-batches and, when data-parallel, over ranks.
+        self,
+        loss: Callable[..., Any],
+        batch: Any,
+        w: Leaves,
+        h: Leaves,
+        argnums: tuple[int, ...],
+        s: Leaves = (),
+        seed: int | None = None,
+        *,
+        chain_state: bool = False,
+    ) -> tuple[list[list[Tensor]], Tensor, Leaves]:
+        """Gradients of ``loss`` w.r.t. the leaves in ``argnums`` (0: params, 1: hparams), its value and
+        the new model state, averaged over micro-batches and, when data-parallel, over ranks.
+
+        ``chain_state`` (inner steps): micro-batch i+1 sees the state micro-batch i returned, as in
+        PyTorch's gradient accumulation, and under DataParallel the floating-point state is averaged
+        over ranks in the same all-reduce as the gradient. Otherwise every micro-batch sees ``s`` and the
+        state that comes back is the last micro-batch's.
 
         Plain autograd (one forward, one backward per micro-batch): ``torch.func.grad_and_value`` gives
         the same numbers with more dispatch overhead per call, which shows on small models.
         """
         self.check_shards(batch, "train_batch" if loss is self.train_loss else "val_batch")
-        pieces = parts(batch)
+        pieces, seed = parts(batch), self.seed_for(seed)
         total: list[Tensor] = []
         value: Tensor | None = None
+        state = s
         with torch.enable_grad():
             inputs = tuple(tuple(t.detach().requires_grad_() for t in leaves) for leaves in (w, h))
             wanted = [t for i in argnums for t in inputs[i]]
             for piece in pieces:
-                out = self.on(loss, piece)(*inputs)
+                out, new_state = self.evaluate(loss, piece, inputs[0], inputs[1], state if chain_state else s, seed)
+                state = new_state
                 found = torch.autograd.grad(out, wanted, allow_unused=True)
                 grads = [torch.zeros_like(t) if g is None else g for g, t in zip(found, wanted)]
                 if value is None:
@@ -150,35 +221,48 @@ class Problem:
         if len(pieces) > 1:
             total, value = _tree.scale(total, 1.0 / len(pieces)), value / len(pieces)
         if self.parallel is not None:
-            *total, value = self.parallel.mean([*total, value])
+            floating = [i for i, t in enumerate(state) if t.is_floating_point()] if chain_state else []
+            reduced = self.parallel.mean([*total, value, *(state[i] for i in floating)])
+            total, value = reduced[: len(total)], reduced[len(total)]
+            averaged = list(state)
+            for i, t in zip(floating, reduced[len(total) + 1 :]):
+                averaged[i] = t
+            state = tuple(averaged)
         split, start = [], 0
         for i in argnums:
             split.append(list(total[start : start + len(inputs[i])]))
             start += len(inputs[i])
-        return split, value
+        return split, value, state
 
-    def operator(self, hvp: HVP, batch: Any, w: Leaves, h: Leaves) -> _Operator:
+    def operator(
+        self, hvp: HVP, batch: Any, w: Leaves, h: Leaves, s: Leaves = (), seed: int | None = None
+    ) -> _Operator:
         """The training loss's HVP / mixed-product operator, averaged like :meth:`value_and_grad`."""
         self.check_shards(batch, "train_batch")
-        pieces = parts(batch)
-        ops = [hvp.build(self.on(self.train_loss, piece), w, h, retain=len(pieces) == 1) for piece in pieces]
+        pieces, seed = parts(batch), self.seed_for(seed)
+        ops = [hvp.build(self.on(self.train_loss, piece, s, seed), w, h, retain=len(pieces) == 1) for piece in pieces]
         op = ops[0] if len(ops) == 1 else MeanOperator(ops)
         return op if self.parallel is None else ReducedOperator(op, self.parallel)
 
-    def dense_hessian(self, batch: Any, w: Leaves, h: Leaves) -> Tensor:
-        """∂²L_T/∂w∂wᵀ as a dense matrix over the concatenated params, averaged like the rest."""
+    def dense_hessian(self, batch: Any, w: Leaves, h: Leaves, s: Leaves = (), seed: int | None = None) -> Tensor:
+        """∂²L_T/∂w∂wᵀ as a dense matrix over the concatenated params, averaged like the rest.
+
+        ``jacfwd(jacrev(·), randomness="same")``: the replayed seed fixes the random numbers, and
+        "same" lets the vmap over Hessian columns draw them (``torch.func.hessian`` refuses to).
+        """
         flat_w = _tree.ravel(w)
         total: Tensor | None = None
-        for piece in parts(batch):
-            train_f = self.on(self.train_loss, piece)
+        pieces, seed = parts(batch), self.seed_for(seed)
+        for piece in pieces:
+            train_f = self.on(self.train_loss, piece, s, seed)
 
             def on_flat(flat: Tensor, train_f: Callable[[Leaves, Leaves], Tensor] = train_f) -> Tensor:
                 return train_f(tuple(_tree.unravel(flat, w)), h)
 
-            hessian = torch.func.hessian(on_flat)(flat_w)
+            hessian = torch.func.jacfwd(torch.func.jacrev(on_flat), randomness="same")(flat_w)
             total = hessian if total is None else total + hessian
         assert total is not None
-        total = total / len(parts(batch))
+        total = total / len(pieces)
         return total if self.parallel is None else self.parallel.mean([total])[0]
 
     def params(self, w: Sequence[Tensor]) -> Any:
@@ -186,3 +270,6 @@ class Problem:
 
     def hparams(self, h: Sequence[Tensor]) -> Any:
         return _tree.unflatten(self.hparams_spec, h)
+
+    def state(self, s: Sequence[Tensor]) -> Any:
+        return None if self.state_spec is None else _tree.unflatten(self.state_spec, s)

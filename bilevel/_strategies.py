@@ -38,6 +38,11 @@ def _check_float(cls: str, name: str, value: Any, *, positive: bool, hint: str =
         raise _bad(f"{cls}({name}={value!r})", f"{name} must be a finite number {bound}.{hint}")
 
 
+def _check_bool(cls: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{cls}({name}={value!r})`: {name} must be True or False.")
+
+
 def _check_hvp(cls: str, value: Any) -> None:
     if not isinstance(value, HVP):
         raise TypeError(
@@ -100,6 +105,11 @@ class Neumann:
             slowly, and a stale α is caught — a hyperstep that is non-finite or whose series diverges
             (``info.diverging``) with a reused α is recomputed at once with a fresh estimate. The
             functional [`hypergradient`][bilevel.hypergradient] estimates it on every call.
+        warm_start: in [`BilevelOptimizer`][bilevel.BilevelOptimizer], start from the previous
+            hyperstep's solution x₀: the series is applied to the residual, x = x₀ + α Σ_j (I − αH)^j
+            (v − Hx₀), i.e. ``steps`` Richardson iterations x ← x + α(v − Hx) from x₀, one HVP more
+            than from zero. Consecutive hypersteps solve nearly the same system, so x₀ is already
+            close (AmIGO, Arbel & Mairal 2022). The functional API takes x₀ as ``init=``.
 
     Example:
         >>> import bilevel
@@ -115,6 +125,7 @@ class Neumann:
     hvp: HVP = ReverseHVP()
     power_iters: int = 20
     refresh_every: int = 10
+    warm_start: bool = False
 
     def __post_init__(self) -> None:
         _check_int("Neumann", "steps", self.steps, 1)
@@ -129,6 +140,7 @@ class Neumann:
         _check_hvp("Neumann", self.hvp)
         _check_int("Neumann", "power_iters", self.power_iters, 1)
         _check_int("Neumann", "refresh_every", self.refresh_every, 1)
+        _check_bool("Neumann", "warm_start", self.warm_start)
 
     @property
     def name(self) -> str:
@@ -155,7 +167,7 @@ class Identity:
     Example:
         >>> import bilevel
         >>> bilevel.Identity(alpha=0.1).as_neumann()
-        Neumann(steps=1, alpha=0.1, hvp=ReverseHVP(), power_iters=20, refresh_every=10)
+        Neumann(steps=1, alpha=0.1, hvp=ReverseHVP(), power_iters=20, refresh_every=10, warm_start=False)
 
     References:
         Lorraine, Vicol & Duvenaud (2020), Table 1; Luketina et al. (2016), "Scalable
@@ -201,6 +213,9 @@ class ConjugateGradient:
         tol: relative residual tolerance, ≥ 0.
         damping: δ ≥ 0 added to the Hessian's diagonal.
         hvp: how Hessian-vector products are computed.
+        warm_start: in [`BilevelOptimizer`][bilevel.BilevelOptimizer], start CG from the previous
+            hyperstep's solution instead of 0 (one extra HVP for its residual; the tolerance stays
+            relative to ‖b‖, so a good start stops early). The functional API takes it as ``init=``.
 
     Example:
         >>> import bilevel
@@ -216,12 +231,14 @@ class ConjugateGradient:
     tol: float = 1e-10
     damping: float = 0.0
     hvp: HVP = ReverseHVP()
+    warm_start: bool = False
 
     def __post_init__(self) -> None:
         _check_int("ConjugateGradient", "maxiter", self.maxiter, 1)
         _check_float("ConjugateGradient", "tol", self.tol, positive=False)
         _check_float("ConjugateGradient", "damping", self.damping, positive=False)
         _check_hvp("ConjugateGradient", self.hvp)
+        _check_bool("ConjugateGradient", "warm_start", self.warm_start)
 
     @property
     def name(self) -> str:

@@ -18,15 +18,15 @@ from torch import Tensor
 Leaves = tuple[Tensor, ...]
 
 
-def flatten(tree: Any, name: str, *, floating: bool) -> tuple[Leaves, optree.PyTreeSpec]:
+def flatten(tree: Any, name: str, *, floating: bool, allow_empty: bool = False) -> tuple[Leaves, optree.PyTreeSpec]:
     """Flatten a user pytree of tensors, checking every leaf.
 
     Raises ``TypeError`` naming the leaf (as ``name['w']``) when it is not a tensor or, with
     ``floating``, when its dtype is not a real floating-point dtype; ``ValueError`` when the tree
-    holds no tensor at all.
+    holds no tensor at all (unless ``allow_empty``).
     """
     paths, leaves, spec = optree.tree_flatten_with_path(tree)
-    if not leaves:
+    if not leaves and not allow_empty:
         raise ValueError(
             f"`{name}` holds no tensors; pass a dict (or other pytree) of torch.Tensor, "
             f"e.g. {{'weight': torch.zeros(3)}}."
@@ -50,15 +50,14 @@ def unflatten(spec: optree.PyTreeSpec, leaves: Sequence[Tensor]) -> Any:
 
 def check_same_device(**trees: Leaves) -> torch.device:
     """Return the one device every leaf lives on, or raise ``ValueError`` listing them."""
+    names = " and ".join(trees)
     seen: dict[torch.device, str] = {}
     for name, leaves in trees.items():
         for leaf in leaves:
             seen.setdefault(leaf.device, name)
     if len(seen) > 1:
         found = ", ".join(f"{dev} (in `{name}`)" for dev, name in seen.items())
-        raise ValueError(
-            f"all tensors in params and hparams must be on one device; found {found}. Move them with .to(device)."
-        )
+        raise ValueError(f"all tensors in {names} must be on one device; found {found}. Move them with .to(device).")
     return next(iter(seen))
 
 

@@ -35,6 +35,36 @@ def make_optimizer(problem, distributed=None, hparams=None):
     )
 
 
+def batchnorm_optimizer(distributed=None):
+    """Logistic regression behind a BatchNorm1d layer, through FunctionalModule."""
+    torch.manual_seed(0)
+    fm = bilevel.FunctionalModule(torch.nn.Sequential(torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 1)).double())
+
+    def train_loss(p, h, batch, state):
+        X, y = batch
+        out, state = fm(p, state, X)
+        penalty = (h["log_l2"].exp() * p["1.weight"].squeeze(0) ** 2).sum()
+        return torch.nn.functional.binary_cross_entropy_with_logits(out.squeeze(1), y) + penalty, state
+
+    def val_loss(p, h, batch, state):
+        X, y = batch
+        out, state = fm(p, state, X, train=False)
+        return torch.nn.functional.binary_cross_entropy_with_logits(out.squeeze(1), y), state
+
+    return bilevel.BilevelOptimizer(
+        train_loss,
+        val_loss,
+        fm.params,
+        {"log_l2": torch.full((5,), -2.0)},
+        state=fm.state,
+        inner=torchopt.adam(0.05),
+        strategy=bilevel.ConjugateGradient(maxiter=5),
+        inner_steps=2,
+        distributed=distributed,
+        seed=0,
+    )
+
+
 def shard(problem, rank: int, world: int):
     size = N // world
     part = slice(rank * size, (rank + 1) * size)
@@ -113,6 +143,14 @@ def run(rank: int, world: int, store: str, out: str) -> None:
             distributed=bilevel.DataParallel(check_shards=False),
         )
         results["weighted"] = grads["log_l2"]
+        # Model state under DataParallel: BatchNorm's running statistics are averaged over ranks after
+        # every inner step (in the gradient's all-reduce), so every rank holds the same state.
+        opt = batchnorm_optimizer(parallel)
+        opt.step(train, val)
+        results["bn_one_step"] = dict(opt.state)
+        for _ in range(2):
+            opt.step(train, val)
+        results["bn_three_steps"] = dict(opt.state)
         torch.save(results, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -96,6 +96,20 @@ def test_unequal_shards_are_an_error_on_every_rank_unless_weighted(ranks):
     torch.testing.assert_close(ranks[0]["weighted"], full["log_l2"], atol=1e-10, rtol=0)
 
 
+def test_model_state_is_averaged_over_ranks_and_identical_everywhere(ranks):
+    for key in ("bn_one_step", "bn_three_steps"):
+        assert all(torch.equal(ranks[0][key][k], ranks[1][key][k]) for k in ranks[0][key]), key
+    assert int(ranks[0]["bn_three_steps"]["0.num_batches_tracked"]) == 3
+    # After one step the running mean is (1 − m)·0 + m·(mean of the two shard means) = m·(full-batch mean):
+    # what one process computes on the whole batch (equal shards).
+    problem = Logistic.make(n=dist_worker.N)
+    single = dist_worker.batchnorm_optimizer()
+    single.step(*dist_worker.shard(problem, 0, 1))
+    torch.testing.assert_close(
+        ranks[0]["bn_one_step"]["0.running_mean"], single.state["0.running_mean"], atol=1e-12, rtol=0
+    )
+
+
 def test_check_sync_catches_ranks_that_diverge(ranks):
     for result in ranks:
         assert result["sync_error"] is not None and "differ across ranks" in result["sync_error"]

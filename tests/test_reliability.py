@@ -42,6 +42,7 @@ def make(**kwargs):
     kwargs.setdefault("outer", torchopt.adam(0.05))
     kwargs.setdefault("strategy", bilevel.ConjugateGradient(maxiter=5))
     kwargs.setdefault("inner_steps", 3)
+    kwargs.setdefault("seed", 0)
     losses = kwargs.pop("losses", (train_loss, val_loss))
     return bilevel.BilevelOptimizer(*losses, {"w": torch.zeros(D)}, {"h": torch.full((D,), -2.0)}, **kwargs)
 
