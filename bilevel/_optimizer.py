@@ -109,9 +109,9 @@ class BilevelOptimizer:
     \lambda \leftarrow \lambda + \mathrm{outer}\big(dL_V/d\lambda\big).
     $$
 
-    With ``strategy=Unroll(K, ...)`` the hypergradient is instead obtained by differentiating
-    through the optimiser's own last K inner updates (truncated backpropagation), recomputed from a
-    snapshot at hyperstep time; ``Unroll.optimizer`` is not used here (the inner optimiser is).
+    With ``strategy=Unroll(K)`` the hypergradient is instead obtained by differentiating through the
+    optimiser's own last K inner updates (truncated backpropagation), recomputed at hyperstep time
+    from snapshots of weights, optimiser and model state, with each step's own random numbers.
 
     Numerical safety: an update whose result would contain NaN/Inf is not applied; params,
     hparams and both optimiser states keep their previous values. Skips are counted
@@ -139,6 +139,14 @@ class BilevelOptimizer:
             its own equal-sized shard and all ranks apply the same, full-batch updates.
         autocast: evaluate the losses under ``torch.autocast`` with this dtype (see
             [`hypergradient`][bilevel.hypergradient]).
+        state: model state (e.g. [`FunctionalModule.state`][bilevel.FunctionalModule]: BatchNorm's
+            running statistics). Both losses then take it as a fourth argument and return
+            ``(loss, new_state)``; inner steps replace the state by the training loss's new state,
+            hypergradient evaluations never change it (see [`state`][bilevel.BilevelOptimizer.state]).
+        seed: every random number the losses draw inside ``step()`` (dropout) derives from this seed
+            and the step's index — so ``Unroll`` replays the masks each step used and a run resumes
+            bitwise — and torch's global generator is left alone. ``None``: drawn once from the
+            global generator at construction.
 
     Batches may be ``MicroBatches`` for gradient accumulation.
 
@@ -432,16 +440,17 @@ class BilevelOptimizer:
 
     # ------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume bitwise: weights, hparams, both optimiser states (and whether
-        each has started, which torchopt's momentum needs), counters, the cached auto-alpha and the
-        unroll window. Save it with ``torch.save``.
+        """Everything needed to resume bitwise: weights, hparams, model state, both optimiser states
+        (and whether each has started, which torchopt's momentum needs), counters, the seed, the
+        cached auto-alpha, the warm-start solution and the unroll window. Save it with ``torch.save``.
 
         It holds only plain containers, numbers, strings and tensors, so ``torch.load(path)`` reads it
         with the default ``weights_only=True``, provided your batches (kept for ``Unroll``) are
         tensors or containers of them.
 
-        The global torch RNG is not included: if your losses draw random numbers (dropout,
-        augmentation noise), save ``torch.get_rng_state()`` alongside.
+        The random numbers your losses draw inside ``step()`` derive from the run's ``seed`` (saved
+        here) and the step's index, so dropout resumes bitwise; torch's global generator is neither
+        used nor saved.
         """
         return to_dict(self._run)
 

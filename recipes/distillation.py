@@ -210,7 +210,8 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         inner_steps=args.inner_steps,
         # Under torchrun each rank takes a shard of the validation data (the synthetic training set is
         # the same everywhere); the optimiser averages over ranks, so all apply the same update.
-        distributed=bilevel.DataParallel() if args.world > 1 else None,
+        # shard() weights each rank's mean loss by its share, so unequal shards average exactly
+        distributed=bilevel.DataParallel(check_shards=False) if args.world > 1 else None,
     )
 
     # All real labelled training data is the validation set; minibatches of it when it is large.

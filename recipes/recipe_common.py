@@ -95,6 +95,8 @@ def shard(x: torch.Tensor, y: torch.Tensor, rank: int, world: int) -> tuple[torc
     ``bilevel.DataParallel`` averages gradients over ranks, which equals the full-batch gradient of a
     mean loss only for equal shards. Multiplying rank r's mean loss by ``weight = n_r · world / n``
     makes the average over ranks exactly (1/n) Σ ℓ_i for any shard sizes; with one process it is 1.
+    Losses weighted this way go with ``bilevel.DataParallel(check_shards=False)``, which otherwise
+    refuses shards of unequal sizes.
     """
     x_r, y_r = torch.tensor_split(x, world)[rank], torch.tensor_split(y, world)[rank]
     return x_r, y_r, len(y_r) * world / len(y)
