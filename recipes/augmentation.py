@@ -2,8 +2,9 @@
 
 An augmentation network x̃ = f_λ(x, ε) — a small U-Net that sees the image plus one channel of
 N(0, 1) noise ε, with a residual connection from input to output and a zero-initialised last
-layer, so it starts as the identity — produces every example a classifier (a small ResNet) is
-trained on. All U-Net weights λ are hyperparameters, tuned by BilevelOptimizer on the
+layer, so it starts as the identity — produces every example a classifier (a small ResNet, or
+with ``--classifier resnet18`` the paper's ResNet-18 with BatchNorm, an ``nn.Module`` driven through
+``bilevel.FunctionalModule``) is trained on. All U-Net weights λ are hyperparameters, tuned by BilevelOptimizer on the
 validation loss of the classifier evaluated on clean validation images:
 
     L_T(w, λ) = CE(net_w(f_λ(x, ε)), y),        L_V(w) = CE(net_w(x_val), y_val).
@@ -30,9 +31,10 @@ between runs and is not part of the resume guarantee.
 Data: scikit-learn's 8×8 digits by default; ``--dataset cifar10 --data-dir DIR`` (python pickle
 batches) or ``--dataset mnist`` read real files. Nothing is downloaded.
 
-``--checkpoint PATH`` saves the BilevelOptimizer state, generator and torch RNG states, loop
-counters and all results so far every ``--checkpoint-every`` hyper-periods (``--inner-steps``
-inner steps each); rerunning with the same flags resumes and ends with the same numbers.
+``--checkpoint PATH`` saves the BilevelOptimizer state (with the BatchNorm statistics and the
+run's seed), the data generator's state, loop counters and all results so far every
+``--checkpoint-every`` hyper-periods (``--inner-steps`` inner steps each); rerunning with the same
+flags resumes and ends with the same numbers.
 
 Run:  python recipes/augmentation.py [--quick] [--device cuda] [--dataset cifar10 --data-dir DIR]
 Writes ``results.json``, ``samples.png`` (Fig 7) and ``accuracy.png`` in ``--out``.
@@ -58,7 +60,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 import torchopt
-from torch import Tensor
+from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import recipe_common as common
@@ -184,48 +186,47 @@ def init_resnet(channels: int, width: int, classes: int = 10) -> dict[str, Tenso
     return p
 
 
-def init_resnet18(channels: int, classes: int = 10, base: int = 64) -> dict[str, Tensor]:
-    """The paper's ResNet-18 layout for 32×32 images: a 3×3 stem, then 4 stages of 2 basic blocks with
-    base·(1, 2, 4, 8) channels (11.2M weights at base 64).
+class BasicBlock(nn.Module):
+    """Two 3×3 convolutions with BatchNorm, and a 1×1 projection shortcut when the shape changes."""
 
-    Without batch norm: its running statistics are state outside (params, hparams), so like the small
-    ResNet each block's second convolution is damped at initialisation instead.
-    """
-    p = {}
-    p["stem.w"], p["stem.b"] = _conv(base, channels)
-    c_in = base
-    for stage, mult in enumerate((1, 2, 4, 8)):
-        c = base * mult
-        for block in range(2):
-            pre = f"l{stage}.{block}"
-            p[f"{pre}.a.w"], p[f"{pre}.a.b"] = _conv(c, c_in)
-            p[f"{pre}.b.w"], p[f"{pre}.b.b"] = _conv(c, c)
-            p[f"{pre}.b.w"] *= 0.1
-            if c != c_in:  # first block of stages 2–4: strided, with a 1×1 projection shortcut
-                p[f"{pre}.s.w"], p[f"{pre}.s.b"] = _conv(c, c_in, k=1)
-            c_in = c
-    bound = 1.0 / math.sqrt(c_in)
-    p["fc.w"] = torch.empty(classes, c_in).uniform_(-bound, bound)
-    p["fc.b"] = torch.zeros(classes)
-    return p
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn_a = nn.BatchNorm2d(c_out)
+        self.b = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn_b = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        r = F.relu(self.bn_a(self.a(x)))
+        return F.relu(self.shortcut(x) + self.bn_b(self.b(r)))
 
 
-def _classify_resnet18(w: dict[str, Tensor], x: Tensor) -> Tensor:
-    h = F.relu(F.conv2d(x, w["stem.w"], w["stem.b"], padding=1))
-    for stage in range(4):
-        for block in range(2):
-            pre = f"l{stage}.{block}"
-            stride = 2 if f"{pre}.s.w" in w else 1
-            r = F.relu(F.conv2d(h, w[f"{pre}.a.w"], w[f"{pre}.a.b"], padding=1, stride=stride))
-            r = F.conv2d(r, w[f"{pre}.b.w"], w[f"{pre}.b.b"], padding=1)
-            shortcut = F.conv2d(h, w[f"{pre}.s.w"], w[f"{pre}.s.b"], stride=2) if stride == 2 else h
-            h = F.relu(shortcut + r)
-    return F.adaptive_avg_pool2d(h, 1).flatten(1) @ w["fc.w"].T + w["fc.b"]
+class ResNet18(nn.Module):
+    """The paper's ResNet-18 for 32×32 images, with BatchNorm as in the paper: a 3×3 stem, then 4 stages
+    of 2 basic blocks with base·(1, 2, 4, 8) channels (11.2 M weights at base 64). An ordinary
+    ``nn.Module``: the recipe drives it through ``bilevel.FunctionalModule``, which carries the
+    BatchNorm running statistics as model state."""
+
+    def __init__(self, channels: int, classes: int = 10, base: int = 64) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(channels, base, 3, 1, 1, bias=False), nn.BatchNorm2d(base), nn.ReLU())
+        blocks, c_in = [], base
+        for stage, mult in enumerate((1, 2, 4, 8)):
+            for block in range(2):
+                blocks.append(BasicBlock(c_in, base * mult, 2 if stage > 0 and block == 0 else 1))
+                c_in = base * mult
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(c_in, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
 
 
 def classify(w: dict[str, Tensor], x: Tensor) -> Tensor:
-    if "l0.0.a.w" in w:
-        return _classify_resnet18(w, x)
+    """The small ResNet's forward."""
     h = F.relu(F.conv2d(x, w["stem.w"], w["stem.b"], padding=1))
     r = F.relu(F.conv2d(h, w["b1a.w"], w["b1a.b"], padding=1))
     h = F.relu(h + F.conv2d(r, w["b1b.w"], w["b1b.b"], padding=1))
@@ -234,16 +235,40 @@ def classify(w: dict[str, Tensor], x: Tensor) -> Tensor:
     return F.adaptive_avg_pool2d(h, 4).flatten(1) @ w["fc.w"].T + w["fc.b"]  # keep a 4×4 layout (8×8 digits)
 
 
-def train_loss(w: dict, lam: dict, batch: tuple) -> Tensor:
-    """Cross-entropy of the classifier on augmented examples; ε comes with the batch."""
-    x, y, eps = batch
-    return F.cross_entropy(classify(w, augment(lam, x, eps)), y)
+class Classifier:
+    """The classifier as ``forward(params, state, x, train) -> (logits, new_state)``: the small ResNet
+    (a plain function, no state) or the ResNet-18 module through ``bilevel.FunctionalModule``."""
 
+    def __init__(self, kind: str, channels: int, width: int, device: str, base: int = 64) -> None:
+        if kind == "resnet18":
+            self.module: bilevel.FunctionalModule | None = bilevel.FunctionalModule(
+                ResNet18(channels, base=base).to(device)
+            )
+            self.params, self.state = self.module.params, self.module.state
+        else:
+            self.module = None
+            self.params = {k: v.to(device) for k, v in init_resnet(channels, width).items()}
+            self.state = {}
 
-def val_loss(w: dict, lam: dict, batch: tuple) -> Tensor:
-    """Cross-entropy on clean validation images (λ enters only through w)."""
-    x, y = batch
-    return F.cross_entropy(classify(w, x), y)
+    def __call__(self, w: dict, state: dict, x: Tensor, train: bool) -> tuple[Tensor, dict]:
+        if self.module is None:
+            return classify(w, x), state
+        return self.module(w, state, x, train=train)
+
+    def losses(self) -> tuple[Any, Any]:
+        def train_loss(w: dict, lam: dict, batch: tuple, state: dict) -> tuple[Tensor, dict]:
+            """Cross-entropy of the classifier (train mode) on augmented examples; ε comes with the batch."""
+            x, y, eps = batch
+            logits, state = self(w, state, augment(lam, x, eps), train=True)
+            return F.cross_entropy(logits, y), state
+
+        def val_loss(w: dict, lam: dict, batch: tuple, state: dict) -> tuple[Tensor, dict]:
+            """Cross-entropy on clean validation images, eval mode (λ enters only through w)."""
+            x, y = batch
+            logits, state = self(w, state, x, train=False)
+            return F.cross_entropy(logits, y), state
+
+        return train_loss, val_loss
 
 
 def strategy_for(method: str, alpha: float) -> bilevel.Strategy:
@@ -283,10 +308,11 @@ def val_batch(data: dict, cfg: dict, gen: torch.Generator, device: str) -> tuple
 
 
 @torch.no_grad()
-def accuracy(w: dict, x: Tensor, y: Tensor, device: str) -> float:
+def accuracy(net: Classifier, w: dict, state: dict, x: Tensor, y: Tensor, device: str) -> float:
     correct = 0
     for i in range(0, len(x), 512):
-        correct += int((classify(w, x[i : i + 512].to(device)).argmax(1) == y[i : i + 512].to(device)).sum())
+        logits, _ = net(w, state, x[i : i + 512].to(device), train=False)
+        correct += int((logits.argmax(1) == y[i : i + 512].to(device)).sum())
     return correct / len(x)
 
 
@@ -296,35 +322,37 @@ def accuracy(w: dict, x: Tensor, y: Tensor, device: str) -> float:
 # ------------------------------------------------------------------------------------ training
 
 
-def build(method: str, data: dict, cfg: dict, run_seed: int, device: str) -> bilevel.BilevelOptimizer:
+def build(
+    method: str, data: dict, cfg: dict, run_seed: int, device: str
+) -> tuple[Classifier, bilevel.BilevelOptimizer]:
     torch.manual_seed(run_seed)  # same classifier and U-Net initialisation for every method
     channels = data["x"].shape[1]
-    init = init_resnet18(channels) if cfg["classifier"] == "resnet18" else init_resnet(channels, 2 * cfg["width"])
-    w = {k: v.to(device) for k, v in init.items()}
+    net = Classifier(cfg["classifier"], channels, 2 * cfg["width"], device)
     lam = {k: v.to(device) for k, v in init_unet(channels, cfg["width"]).items()}
-    return bilevel.BilevelOptimizer(
-        train_loss,
-        val_loss,
-        w,
+    opt = bilevel.BilevelOptimizer(
+        *net.losses(),
+        net.params,
         lam,
+        state=net.state,
         inner=torchopt.adam(cfg["lr"], eps_root=1e-10),  # eps_root: finite derivatives of √v at v = 0 (Unroll)
         outer=torchopt.adam(cfg["hlr"]),
         strategy=strategy_for(method, cfg["alpha"]),
         inner_steps=cfg["inner_steps"],
+        seed=run_seed,
     )
+    return net, opt
 
 
 def run(method: str, restart: int, data: dict, cfg: dict, args: argparse.Namespace, ckpt: dict, track: Any) -> dict:
     """Train one classifier (and, unless no_ho, its augmentation); return accuracies and final λ."""
     device = args.device
     run_seed = args.seed + 1000 * restart
-    opt = build(method, data, cfg, run_seed, device)
+    net, opt = build(method, data, cfg, run_seed, device)
     gen = torch.Generator().manual_seed(run_seed + 1)  # data order and augmentation noise
     current = ckpt.get("current")
     if current is not None and current["key"] == f"{method}/{restart}":
         opt.load_state_dict(current["opt"])
         gen.set_state(current["gen"])
-        torch.set_rng_state(current["torch_rng"])
     N = cfg["inner_steps"]
     while opt.steps < cfg["steps"]:
         for _ in range(N):
@@ -342,15 +370,14 @@ def run(method: str, restart: int, data: dict, cfg: dict, args: argparse.Namespa
                 "key": f"{method}/{restart}",
                 "opt": opt.state_dict(),
                 "gen": gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
             }
             common.save_checkpoint(ckpt["path"], _persist(ckpt))
         if stopping:  # like a kill: whatever was not checkpointed is lost
             raise common.Stop
-    w = opt.params
+    w, state = opt.params, opt.state
     return {
-        "val_acc": accuracy(w, data["val_x"], data["val_y"], device),
-        "test_acc": accuracy(w, data["test_x"], data["test_y"], device),
+        "val_acc": accuracy(net, w, state, data["val_x"], data["val_y"], device),
+        "test_acc": accuracy(net, w, state, data["test_x"], data["test_y"], device),
         "hparams": {k: v.detach().cpu() for k, v in opt.hparams.items()},
     }
 
@@ -370,7 +397,7 @@ def _rss_bytes() -> int:
 def measure_here(method: str, data: dict, cfg: dict, args: argparse.Namespace) -> int:
     """Peak extra memory of one step() call that performs a hyperstep (see the module docstring)."""
     device = args.device
-    opt = build(method, data, cfg, args.seed, device)
+    _, opt = build(method, data, cfg, args.seed, device)
     gen = torch.Generator().manual_seed(args.seed + 1)
     for _ in range(2 * cfg["inner_steps"] - 1):  # one full hyper-period first, for warm allocator caches
         opt.step(next_batch(data, cfg, gen, device), val_batch(data, cfg, gen, device))

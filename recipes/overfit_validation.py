@@ -10,9 +10,13 @@ Setup (defaults: scikit-learn's 8×8 digits, no download):
 * 50 training and 50 validation images, stratified (5 per class each), drawn from the training
   split; the test set is everything else (for digits, which has no official test split, all
   remaining images; for MNIST / CIFAR-10 the standard test partition, as in the paper).
-* Models, each a pure function of its weights via ``torch.func.functional_call``: logistic
-  regression (``linear``), a 1-hidden-layer ReLU MLP with as many hidden units as input pixels
-  (``mlp``, as in the paper's appendix E.1), and a small LeNet-style CNN (``cnn``).
+* Models, ordinary ``nn.Module`` objects made pure functions of their weights (and buffers) by
+  ``bilevel.FunctionalModule``: logistic regression (``linear``), a 1-hidden-layer ReLU MLP with as
+  many hidden units as input pixels (``mlp``, as in the paper's appendix E.1), a small LeNet-style
+  CNN (``cnn``), and the same CNN with BatchNorm after each convolution and dropout (p = 0.1)
+  before each fully connected layer (``bncnn``): its training loss runs in train mode (batch
+  statistics, dropout on), its validation loss and every reported accuracy in eval mode, and the
+  BatchNorm running statistics are model state that only the inner steps change.
 * L_T(w, λ) = CE(train) + Σ_i exp(λ_i) w_i² — one λ_i per weight and bias, so the number of
   hyperparameters equals the number of weights; exp keeps every decay positive. L_V(w) = CE(val).
 * ``bilevel.BilevelOptimizer`` (Algorithm 1): ``inner_steps`` Adam updates of the weights, then one
@@ -29,7 +33,7 @@ hyperparameters), each with its reason:
   α = 0.1, the series diverges, and the hyperparameters then walk in a useless direction.
 * Hyperparameters: RMSprop 1e-2, as in the paper.
 
-Run:  python recipes/overfit_validation.py [--quick] [--models linear,mlp,cnn]
+Run:  python recipes/overfit_validation.py [--quick] [--models linear,mlp,cnn,bncnn]
                                            [--dataset digits|mnist|cifar10 --data-dir DIR] [--out DIR]
 Data-parallel (each rank steps on its shard of the 50 + 50 examples; same updates as one process):
       torchrun --standalone --nproc_per_node=2 recipes/overfit_validation.py --quick
@@ -52,12 +56,11 @@ import recipe_data
 import torch
 import torchopt
 from torch import Tensor, nn
-from torch.func import functional_call
 
 import bilevel
 
 NAME = "overfit_validation"
-MODELS = ("linear", "mlp", "cnn")
+MODELS = ("linear", "mlp", "cnn", "bncnn")
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -93,46 +96,56 @@ def make_model(kind: str, image_shape: tuple[int, int, int], classes: int) -> nn
         return nn.Sequential(nn.Flatten(), nn.Linear(pixels, classes))
     if kind == "mlp":  # as many hidden units as input size (appendix E.1)
         return nn.Sequential(nn.Flatten(), nn.Linear(pixels, pixels), nn.ReLU(), nn.Linear(pixels, classes))
-    # LeNet-style: two 5×5 conv + pool stages (padded, so 8×8 digits fit too), then 120-84-classes.
+    # LeNet-style: two 5×5 conv + pool stages (padded, so 8×8 digits fit too), then 120-84-classes;
+    # bncnn adds BatchNorm after each convolution and dropout before each fully connected layer.
+    norm = kind == "bncnn"
+
+    def conv(c_in: int, c_out: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, 5, padding=2), *([nn.BatchNorm2d(c_out)] if norm else []), nn.ReLU()]
+
+    def dense(n_in: int, n_out: int) -> list[nn.Module]:
+        return [*([nn.Dropout(0.1)] if norm else []), nn.Linear(n_in, n_out)]
+
     features = 16 * (height // 4) * (width // 4)
     return nn.Sequential(
-        nn.Conv2d(channels, 6, 5, padding=2),
-        nn.ReLU(),
+        *conv(channels, 6),
         nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5, padding=2),
-        nn.ReLU(),
+        *conv(6, 16),
         nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(features, 120),
+        *dense(features, 120),
         nn.ReLU(),
-        nn.Linear(120, 84),
+        *dense(120, 84),
         nn.ReLU(),
-        nn.Linear(84, classes),
+        *dense(84, classes),
     )
 
 
-def make_losses(model: nn.Module):
-    """L_T = CE + Σ exp(λ) w² (one log-decay per weight) and L_V = CE."""
+def make_losses(fm: bilevel.FunctionalModule):
+    """L_T = CE (train mode) + Σ exp(λ) w² (one log-decay per weight) and L_V = CE (eval mode)."""
 
-    def cross_entropy(params: dict[str, Tensor], batch: tuple) -> Tensor:
+    def cross_entropy(params: dict, state: dict, batch: tuple, train: bool) -> tuple[Tensor, dict]:
         x, y, *weight = batch  # under torchrun: (x, y, weight) of this rank's shard (recipe_common.shard)
-        loss = nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
-        return loss * weight[0] if weight else loss
+        logits, state = fm(params, state, x, train=train)
+        loss = nn.functional.cross_entropy(logits, y)
+        return (loss * weight[0] if weight else loss), state
 
-    def train_loss(params: dict[str, Tensor], hparams: dict[str, Tensor], batch: Any) -> Tensor:
-        return cross_entropy(params, batch) + sum((hparams[k].exp() * p**2).sum() for k, p in params.items())
+    def train_loss(params: dict, hparams: dict, batch: Any, state: dict) -> tuple[Tensor, dict]:
+        loss, state = cross_entropy(params, state, batch, train=True)
+        return loss + sum((hparams[k].exp() * p**2).sum() for k, p in params.items()), state
 
-    def val_loss(params: dict[str, Tensor], hparams: dict[str, Tensor], batch: Any) -> Tensor:
-        return cross_entropy(params, batch)
+    def val_loss(params: dict, hparams: dict, batch: Any, state: dict) -> tuple[Tensor, dict]:
+        return cross_entropy(params, state, batch, train=False)
 
     return train_loss, val_loss
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, params: dict[str, Tensor], data: tuple[Tensor, Tensor], chunk: int = 2048) -> float:
+def accuracy(fm: bilevel.FunctionalModule, params: dict, state: dict, data: tuple[Tensor, Tensor]) -> float:
     x, y = data
+    chunk = 2048
     correct = sum(
-        int((functional_call(model, params, (x[i : i + chunk],)).argmax(-1) == y[i : i + chunk]).sum())
+        int((fm(params, state, x[i : i + chunk], train=False)[0].argmax(-1) == y[i : i + chunk]).sum())
         for i in range(0, len(x), chunk)
     )
     return correct / len(x)
@@ -150,15 +163,16 @@ def run_model(kind: str, args, data, device: torch.device, update) -> tuple[dict
     val_shard = recipe_common.shard(*val, rank, world)
     recipe_common.seed_everything(args.seed)
     model = make_model(kind, tuple(train[0].shape[1:]), int(train[1].max()) + 1)
-    model = model.to(device=device, dtype=train[0].dtype)
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    hparams = {k: torch.full_like(v, math.log(args.init_decay)) for k, v in params.items()}
-    train_loss, val_loss = make_losses(model)
+    fm = bilevel.FunctionalModule(model.to(device=device, dtype=train[0].dtype))
+    hparams = {k: torch.full_like(v, math.log(args.init_decay)) for k, v in fm.params.items()}
+    train_loss, val_loss = make_losses(fm)
     opt = bilevel.BilevelOptimizer(
         train_loss,
         val_loss,
-        params,
+        fm.params,
         hparams,
+        state=fm.state,
+        seed=args.seed,
         inner=torchopt.adam(args.inner_lr),
         outer=torchopt.rmsprop(args.outer_lr),
         strategy=bilevel.Neumann(steps=5, alpha="auto", refresh_every=10),
@@ -171,7 +185,7 @@ def run_model(kind: str, args, data, device: torch.device, update) -> tuple[dict
     history: dict[str, list] = {"hyperstep": [], "train_err": [], "val_err": [], "test_err": []}
 
     def record() -> tuple[float, float, float]:
-        accs = [accuracy(model, opt.params, part) for part in (train, val, test)]
+        accs = [accuracy(fm, opt.params, opt.state, part) for part in (train, val, test)]
         history["hyperstep"].append(opt.hypersteps)
         for name, acc in zip(("train_err", "val_err", "test_err"), accs):
             history[name].append(1.0 - acc)
@@ -221,7 +235,7 @@ def parse_args(argv: list[str] | None):
     )
     parser.add_argument("--dataset", choices=("digits", "mnist", "cifar10"), default="digits")
     parser.add_argument("--data-dir", default=None, help="folder with the MNIST IDX / CIFAR-10 pickle files")
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of linear,mlp,cnn")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of linear,mlp,cnn,bncnn")
     parser.add_argument("--steps", type=int, default=None, help="inner steps per model (default 4000; 500 quick)")
     parser.add_argument("--inner-steps", type=int, default=10, help="inner steps per hyperstep (default 10)")
     parser.add_argument("--inner-lr", type=float, default=3e-3, help="Adam learning rate of the weights")

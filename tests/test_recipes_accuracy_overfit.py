@@ -100,7 +100,7 @@ def test_overfit_results_have_exactly_the_documented_keys(overfit_run):
     out, returned = overfit_run
     results = _read(out)
     assert set(results) == {"models"}
-    assert set(results["models"]) == {"linear", "mlp", "cnn"}
+    assert set(results["models"]) == {"linear", "mlp", "cnn", "bncnn"}
     for summary in results["models"].values():
         assert set(summary) == {"train_acc", "val_acc", "test_acc", "n_hparams"}
     assert json.loads(json.dumps(returned)) == results
@@ -109,6 +109,7 @@ def test_overfit_results_have_exactly_the_documented_keys(overfit_run):
     assert results["models"]["mlp"]["n_hparams"] == 64 * 64 + 64 + 64 * 10 + 10
     cnn = (1 * 6 * 25 + 6) + (6 * 16 * 25 + 16) + (16 * 2 * 2 * 120 + 120) + (120 * 84 + 84) + (84 * 10 + 10)
     assert results["models"]["cnn"]["n_hparams"] == cnn
+    assert results["models"]["bncnn"]["n_hparams"] == cnn + 2 * (6 + 16)  # + BatchNorm scales and shifts
     assert (out / "fig10_overfit_validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -267,26 +267,32 @@ def test_checkpoint_from_other_flags_is_refused(tmp_path):
         dropout_lstm.main(["--quick", "--checkpoint", str(path), "--out", str(tmp_path)])
 
 
-def test_resnet18_layout_and_a_hypergradient_through_it():
-    """--classifier resnet18: the paper's layout (17 3×3 convs, 3 projection shortcuts, fc), usable by bilevel."""
-    full = augmentation.init_resnet18(3)
-    convs = [k for k in full if k.endswith(".w") and full[k].dim() == 4]
-    assert sum(full[k].shape[-1] == 3 for k in convs) == 17 and sum(full[k].shape[-1] == 1 for k in convs) == 3
-    assert full["fc.w"].shape == (10, 512)
-    assert 11_000_000 < sum(v.numel() for v in full.values()) < 11_300_000  # ResNet-18's ~11.2M weights
+def test_resnet18_layout_and_a_hypergradient_through_its_batchnorm():
+    """--classifier resnet18: the paper's layout (17 3×3 convs, 3 projection shortcuts, 20 BatchNorms, fc),
+    an nn.Module driven through FunctionalModule; hyperstepping leaves its running statistics alone."""
+    full = augmentation.ResNet18(3)
+    convs = [m for m in full.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert sum(m.kernel_size == (3, 3) for m in convs) == 17 and sum(m.kernel_size == (1, 1) for m in convs) == 3
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in full.modules()) == 20
+    assert full.fc.weight.shape == (10, 512)
+    assert 11_000_000 < sum(p.numel() for p in full.parameters()) < 11_300_000  # ResNet-18's ~11.2M weights
     torch.manual_seed(0)
-    w = augmentation.init_resnet18(3, base=4)  # narrow copy of the same layout, for speed
+    net = augmentation.Classifier("resnet18", 3, 4, "cpu", base=4)  # narrow copy of the same layout, for speed
     lam = augmentation.init_unet(3, 2)
     x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
-    assert augmentation.classify(w, x).shape == (4, 10)
+    assert net(net.params, net.state, x, train=False)[0].shape == (4, 10)
+    train_loss, val_loss = net.losses()
+    before = {k: v.clone() for k, v in net.state.items()}
     grads, info = bilevel.hypergradient(
-        augmentation.train_loss,
-        augmentation.val_loss,
-        w,
+        train_loss,
+        val_loss,
+        net.params,
         lam,
         (x, y, torch.randn(4, 1, 32, 32)),
         (x, y),
         strategy=bilevel.Neumann(steps=3, alpha=1e-2),
+        state=net.state,
     )
     assert info.hvps == 2 and torch.isfinite(info.grad_norm) and float(info.grad_norm) > 0
     assert grads.keys() == lam.keys()
+    assert all(torch.equal(net.state[k], v) for k, v in before.items())
