@@ -57,6 +57,7 @@ class RunState:
     alpha_age: int  # hypersteps since it was estimated
     solution: Leaves | None = None  # the last hyperstep's linear-solve solution (warm starts)
     window: tuple[Record, ...] = ()
+    w_flat: Tensor | None = None  # the weights as one vector when the inner update is flat; w are its views
 
     def replace(self, **changes: Any) -> RunState:
         return dataclasses.replace(self, **changes)

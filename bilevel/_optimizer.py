@@ -216,27 +216,29 @@ class BilevelOptimizer:
                     f"happened. Pass Unroll(steps={strategy.steps})."
                 )
         check_exact_fits(strategy, w)
-        self.inner: Transformation = Transformation(inner)
-        self.outer: Transformation = Transformation(outer)
+        self.inner: Transformation = Transformation(inner, self._problem.params_spec, w)
+        self.outer: Transformation = Transformation(outer, self._problem.hparams_spec, h)
         self.inner_steps: int = int(inner_steps)
         self.strict: bool = strict
         self._window_size: int = strategy.steps if isinstance(strategy, Unroll) else 0
-        self._run: RunState = RunState(
-            w=tuple(t.clone() for t in w),
-            h=tuple(t.clone() for t in h),
-            s=s,
-            seed=_random.draw() if seed is None else int(seed),
-            inner_state=self.inner.init(self._problem.params(w)),
-            outer_state=self.outer.init(self._problem.hparams(h)),
-            inner_started=False,
-            outer_started=False,
-            steps=0,
-            hypersteps=0,
-            skipped_inner=torch.zeros((), dtype=torch.int64, device=w[0].device),
-            skipped_inner_warned=0,
-            skipped_outer=0,
-            alpha=None,
-            alpha_age=0,
+        self._run: RunState = self._flattened(
+            RunState(
+                w=tuple(t.clone() for t in w),
+                h=tuple(t.clone() for t in h),
+                s=s,
+                seed=_random.draw() if seed is None else int(seed),
+                inner_state=self.inner.init(w),
+                outer_state=self.outer.init(h),
+                inner_started=False,
+                outer_started=False,
+                steps=0,
+                hypersteps=0,
+                skipped_inner=torch.zeros((), dtype=torch.int64, device=w[0].device),
+                skipped_inner_warned=0,
+                skipped_outer=0,
+                alpha=None,
+                alpha_age=0,
+            )
         )
         # Accelerators: select on device instead of branching on a host bool (no sync per step).
         # Strict mode must decide before changing anything, and Unroll records only the steps that
@@ -306,18 +308,37 @@ class BilevelOptimizer:
         """One outer update of the hyperparameters at the current weights; returns its info."""
         return self._outer(train_batch, val_batch)[0]
 
+    def _flattened(self, run: RunState) -> RunState:
+        """``run`` with its weights living in one vector when the inner update is flat (see Transformation)."""
+        flat = self.inner.flat
+        if flat is None:
+            return run
+        vector = flat.join(run.w)
+        return run.replace(w=flat.split(vector), w_flat=vector)
+
     def _inner(self, batch: Any) -> tuple[Tensor, Tensor]:
-        run, problem = self._run, self._problem
+        run, problem, flat = self._run, self._problem, self.inner.flat
         seed = _random.derive(run.seed, _random.INNER, run.steps)  # inner step k always draws the same numbers
+        w_in = run.w if run.w_flat is None else (run.w_flat,)
         (grads,), loss, s = problem.value_and_grad(
-            problem.train_loss, batch, run.w, run.h, (0,), run.s, seed, chain_state=True
+            problem.train_loss, batch, w_in, run.h, (0,), run.s, seed, chain_state=True, flat=flat
         )
-        w, state = self.inner.apply(problem.params_spec, grads, run.inner_state, run.w, started=run.inner_started)
-        written = [*w, *float_leaves(state), *float_leaves(s)]
+        if flat is not None and run.w_flat is not None:
+            vector, state = self.inner.apply_flat(grads[0], run.inner_state, run.w_flat, started=run.inner_started)
+            w: Leaves = flat.split(vector)
+        else:
+            vector, (w, state) = None, self.inner.apply(grads, run.inner_state, run.w, started=run.inner_started)
+        written = [*(w if vector is None else [vector]), *float_leaves(state), *float_leaves(s)]
         if self._device_select:
             ok = torch.isfinite(loss) & _tree.all_finite(written)
+            if vector is not None and run.w_flat is not None and flat is not None:
+                vector = torch.where(ok, vector, run.w_flat)
+                w = flat.split(vector)
+            else:
+                w = _select(ok, w, run.w)
             self._run = run.replace(
-                w=_select(ok, w, run.w),
+                w=w,
+                w_flat=vector,
                 s=_select(ok, s, run.s),
                 inner_state=optree.tree_map(
                     lambda new, old: torch.where(ok, new, old) if isinstance(new, Tensor) else new,
@@ -331,8 +352,9 @@ class BilevelOptimizer:
             )
             self._check_sync("params after an inner step")
             return loss, ok
-        # Host branch: a cheap sum screen, and the exact check only when the screen fails.
-        applied = bool(torch.isfinite(loss)) and (bool(_tree.sum_is_finite(written)) or bool(_tree.all_finite(written)))
+        # Host branch: a cheap sum screen (one host sync), and the exact check only when the screen fails.
+        written.append(loss)
+        applied = bool(_tree.sum_is_finite(written)) or bool(_tree.all_finite(written))
         if not applied and self.strict:  # raise before touching any state: the step did not happen
             raise NonFiniteError(
                 f"inner step {run.steps + 1}: non-finite loss, weights, model state or optimiser state; "
@@ -343,7 +365,9 @@ class BilevelOptimizer:
             if self._window_size:  # Unroll: remember where the update started, on a private copy of the batch
                 record = Record(run.w, run.inner_state, run.inner_started, _copy_batch(batch), run.s, run.steps)
                 window = (*window, record)[-self._window_size :]
-            self._run = run.replace(w=w, s=s, inner_state=state, inner_started=True, steps=run.steps + 1, window=window)
+            self._run = run.replace(
+                w=w, w_flat=vector, s=s, inner_state=state, inner_started=True, steps=run.steps + 1, window=window
+            )
             self._check_sync("params after an inner step")
         else:
             self._run = run.replace(steps=run.steps + 1, skipped_inner=run.skipped_inner + 1)
@@ -404,15 +428,15 @@ class BilevelOptimizer:
     def _outer(self, train_batch: Any, val_batch: Any) -> tuple[HypergradInfo, bool]:
         if self._device_select:
             self._report_inner_skips()
-        run, spec = self._run, self._problem.hparams_spec
+        run = self._run
         grads, info, cached = self._hypergradient(train_batch, val_batch)
-        h, state = self.outer.apply(spec, grads, run.outer_state, run.h, started=run.outer_started)
+        h, state = self.outer.apply(grads, run.outer_state, run.h, started=run.outer_started)
         trouble = _trouble(self.strategy, info, [*grads, *h, *float_leaves(state)])
         if trouble is not None and cached:
             # A reused α may have gone stale (the curvature grew): estimate it afresh and try once more.
             grads, retry, _ = self._hypergradient(train_batch, val_batch, reuse_alpha=False)
             info = dataclasses.replace(retry, hvps=info.hvps + retry.hvps)
-            h, state = self.outer.apply(spec, grads, run.outer_state, run.h, started=run.outer_started)
+            h, state = self.outer.apply(grads, run.outer_state, run.h, started=run.outer_started)
             trouble = _trouble(self.strategy, info, [*grads, *h, *float_leaves(state)])
         skip = False
         if trouble is not None:
@@ -463,7 +487,7 @@ class BilevelOptimizer:
         window — so a checkpoint that does not fit raises ``ValueError``/``TypeError`` and leaves
         the optimiser exactly as it was.
         """
-        self._run = from_dict(state, self._run, self._window_size)
+        self._run = self._flattened(from_dict(state, self._run, self._window_size))
 
 
 def _trouble(strategy: Strategy, info: HypergradInfo, written: list[Tensor]) -> tuple[str, str, bool] | None:

@@ -18,7 +18,7 @@ from torch import Tensor
 from bilevel import _random, _tree
 from bilevel._distributed import DataParallel, parts
 from bilevel._hvp import HVP, MeanOperator, ReducedOperator, _Operator
-from bilevel._tree import Leaves
+from bilevel._tree import Flat, Leaves
 
 Loss = Callable[..., Any]  # (params, hparams, batch[, state]) -> scalar or (scalar, new_state)
 
@@ -187,6 +187,7 @@ class Problem:
         seed: int | None = None,
         *,
         chain_state: bool = False,
+        flat: Flat | None = None,
     ) -> tuple[list[list[Tensor]], Tensor, Leaves]:
         """Gradients of ``loss`` w.r.t. the leaves in ``argnums`` (0: params, 1: hparams), its value and
         the new model state, averaged over micro-batches and, when data-parallel, over ranks.
@@ -195,6 +196,9 @@ class Problem:
         PyTorch's gradient accumulation, and under DataParallel the floating-point state is averaged
         over ranks in the same all-reduce as the gradient. Otherwise every micro-batch sees ``s`` and the
         state that comes back is the last micro-batch's.
+
+        With ``flat``, ``w`` is ``(vector,)``, the params concatenated: the losses see views of it and
+        the gradient comes back as one vector too (autograd concatenates it, no per-leaf work after).
 
         Plain autograd (one forward, one backward per micro-batch): ``torch.func.grad_and_value`` gives
         the same numbers with more dispatch overhead per call, which shows on small models.
@@ -207,8 +211,9 @@ class Problem:
         with torch.enable_grad():
             inputs = tuple(tuple(t.detach().requires_grad_() for t in leaves) for leaves in (w, h))
             wanted = [t for i in argnums for t in inputs[i]]
+            params = inputs[0] if flat is None else flat.split(inputs[0][0])
             for piece in pieces:
-                out, new_state = self.evaluate(loss, piece, inputs[0], inputs[1], state if chain_state else s, seed)
+                out, new_state = self.evaluate(loss, piece, params, inputs[1], state if chain_state else s, seed)
                 state = new_state
                 found = torch.autograd.grad(out, wanted, allow_unused=True)
                 grads = [torch.zeros_like(t) if g is None else g for g, t in zip(found, wanted)]

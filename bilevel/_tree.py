@@ -115,3 +115,30 @@ def unravel(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     """Split a vector made by :func:`ravel` back into tensors shaped like ``like``."""
     sizes = [t.numel() for t in like]
     return [piece.view_as(t) for piece, t in zip(torch.split(flat, sizes), like)]
+
+
+class Flat:
+    """Leaves of one dtype and device as views into one contiguous vector, and back.
+
+    Elementwise work on many leaves — an optimiser update, a finite check — costs a kernel launch (and,
+    in torchopt's Python updates, an interpreter round trip) per leaf and per operation; on the
+    concatenation it costs one. The views are free, so weights can live in the vector and be handed to
+    the losses as leaves.
+    """
+
+    def __init__(self, like: Sequence[Tensor]) -> None:
+        self.shapes = [t.shape for t in like]
+        self.sizes = [t.numel() for t in like]
+
+    @staticmethod
+    def fits(leaves: Sequence[Tensor]) -> bool:
+        """Several leaves of one dtype (one leaf gains nothing from a flat layout)."""
+        return len(leaves) > 1 and len({(t.dtype, t.device) for t in leaves}) == 1
+
+    def join(self, leaves: Sequence[Tensor]) -> Tensor:
+        """The leaves concatenated into one new vector (differentiable)."""
+        return torch.cat([t.reshape(-1) for t in leaves])
+
+    def split(self, flat: Tensor) -> Leaves:
+        """Views of ``flat`` shaped like the leaves (differentiable; no copy)."""
+        return tuple(piece.view(shape) for piece, shape in zip(torch.split(flat, self.sizes), self.shapes))

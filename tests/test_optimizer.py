@@ -405,3 +405,69 @@ def test_finite_checks_are_exact():
         t[3] = bad
         assert not bool(_tree.all_finite([torch.zeros(2), t])) and not bool(_tree.sum_is_finite([t]))
     assert bool(_tree.all_finite([torch.zeros(0), torch.ones(3)])) and bool(_tree.sum_is_finite([torch.zeros(0)]))
+
+
+def _run(problem, opt, steps=12):
+    g = torch.Generator().manual_seed(5)
+    for idx in torch.randint(0, 30, (steps, 16), generator=g):
+        opt.step((problem.X[idx], problem.y[idx]), problem.batches[1])
+    return opt
+
+
+@pytest.mark.parametrize(
+    "inner",
+    [torchopt.adam(0.05), torchopt.sgd(0.05, momentum=0.9, nesterov=True), torchopt.rmsprop(0.01, centered=True)],
+    ids=["adam", "nesterov", "rmsprop-centered"],
+)
+def test_flat_layout_changes_no_number(inner, monkeypatch):
+    """Elementwise optimisers update the weights as one vector (fewer, larger operations); the run must be
+    bitwise the one the per-leaf layout gives."""
+
+    class TwoLeaves(ScalarRidge):
+        def train_loss(self, p, h, batch):
+            return super().train_loss({"w": torch.cat([p["a"], p["b"]])}, h, batch)
+
+        def val_loss(self, p, h, batch):
+            return super().val_loss({"w": torch.cat([p["a"], p["b"]])}, h, batch)
+
+    problem = TwoLeaves()
+
+    def make():
+        return bilevel.BilevelOptimizer(
+            problem.train_loss,
+            problem.val_loss,
+            {"a": torch.zeros(3), "b": torch.zeros(problem.d - 3)},
+            {"log_l2": torch.tensor(0.0)},
+            inner=inner,
+            strategy=bilevel.Unroll(2),
+            inner_steps=4,
+            seed=0,
+        )
+
+    flat = _run(problem, make())
+    assert flat.inner.flat is not None
+    monkeypatch.setattr(bilevel._transform.Transformation, "_flat_equivalent", lambda self, like: False)
+    tree = _run(problem, make())
+    assert tree.inner.flat is None
+    for name in ("a", "b"):
+        assert torch.equal(flat.params[name], tree.params[name])
+    assert torch.equal(flat.hparams["log_l2"], tree.hparams["log_l2"])
+
+
+def test_a_mask_keeps_the_per_leaf_layout():
+    problem = ScalarRidge()
+    mask = {"a": True, "b": False}
+    decay = torchopt.transform.masked(torchopt.transform.add_decayed_weights(0.5), mask)
+    inner = torchopt.chain(decay, torchopt.sgd(0.05))
+    opt = bilevel.BilevelOptimizer(
+        lambda p, h, b: problem.train_loss({"w": torch.cat([p["a"], p["b"]])}, h, b),
+        lambda p, h, b: problem.val_loss({"w": torch.cat([p["a"], p["b"]])}, h, b),
+        {"a": torch.ones(3), "b": torch.ones(problem.d - 3)},
+        {"log_l2": torch.tensor(0.0)},
+        inner=inner,
+        inner_steps=100,
+    )
+    assert opt.inner.flat is None  # the mask is written against the params' own tree
+    opt.inner_step((torch.zeros(4, problem.d), torch.zeros(4)))  # zero data: only decay and the penalty act
+    a, b = opt.params["a"], opt.params["b"]
+    assert not torch.allclose(a, b[:3])  # "a" got the extra decay, "b" did not
