@@ -9,7 +9,7 @@ from bilevel._hvp import HVP, FiniteDifferenceHVP, ForwardOverReverseHVP, Revers
 from bilevel._hypergradient import HypergradInfo, hypergradient
 from bilevel._module import FunctionalModule
 from bilevel._optimizer import BilevelOptimizer, NonFiniteError, StepResult
-from bilevel._strategies import ConjugateGradient, Exact, Identity, Neumann, Strategy, Unroll
+from bilevel._strategies import ConjugateGradient, Exact, Identity, Neumann, Nystrom, Strategy, Unroll
 
 __all__ = [
     "HVP",
@@ -25,6 +25,7 @@ __all__ = [
     "MicroBatches",
     "Neumann",
     "NonFiniteError",
+    "Nystrom",
     "ReverseHVP",
     "StepResult",
     "Strategy",

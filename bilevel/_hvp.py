@@ -45,6 +45,16 @@ class _Operator(abc.ABC):
     @abc.abstractmethod
     def _hvp(self, v: Leaves) -> list[Tensor]: ...
 
+    def hvp_batched(self, vs: Sequence[Tensor]) -> list[Tensor]:
+        """H v_i for k vectors at once: each leaf of ``vs`` has a leading dimension k (counts k HVPs)."""
+        self.hvps += vs[0].shape[0]
+        return self._hvp_batched(tuple(vs))
+
+    def _hvp_batched(self, vs: Leaves) -> list[Tensor]:
+        """One product after the other; modes with a batched product override this."""
+        columns = [self._hvp(tuple(leaf[i] for leaf in vs)) for i in range(vs[0].shape[0])]
+        return [torch.stack(parts) for parts in zip(*columns)]
+
     @abc.abstractmethod
     def mixed_vjp(self, x: Sequence[Tensor]) -> list[Tensor]:
         """(∂²L_T/∂w∂λᵀ)ᵀ x, shaped like the hparams."""
@@ -144,6 +154,25 @@ class _ReverseOperator(_Operator):
     def _hvp(self, v: Leaves) -> list[Tensor]:
         w, _, g = self._linearise()
         return self._product(w, g, v)
+
+    def _hvp_batched(self, vs: Leaves) -> list[Tensor]:
+        """All k products in one double-backward pass vectorised over k (``is_grads_batched``)."""
+        w, _, g = self._linearise()
+        live = [i for i, gi in enumerate(g) if gi.requires_grad]
+        k = vs[0].shape[0]
+        if not live:
+            return [torch.zeros((k, *t.shape), dtype=t.dtype, device=t.device) for t in w]
+        found = torch.autograd.grad(
+            [g[i] for i in live],
+            w,
+            [vs[i] for i in live],
+            retain_graph=self.retain,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+        return [
+            torch.zeros((k, *t.shape), dtype=t.dtype, device=t.device) if f is None else f for f, t in zip(found, w)
+        ]
 
     def mixed_vjp(self, x: Sequence[Tensor]) -> list[Tensor]:
         _, h, g = self._linearise()
@@ -264,6 +293,9 @@ class MeanOperator(_Operator):
     def _hvp(self, v: Leaves) -> list[Tensor]:
         return self._mean([op.hvp(v) for op in self.ops])
 
+    def _hvp_batched(self, vs: Leaves) -> list[Tensor]:
+        return self._mean([op.hvp_batched(vs) for op in self.ops])
+
     def mixed_vjp(self, x: Sequence[Tensor]) -> list[Tensor]:
         return self._mean([op.mixed_vjp(x) for op in self.ops])
 
@@ -277,6 +309,9 @@ class ReducedOperator(_Operator):
 
     def _hvp(self, v: Leaves) -> list[Tensor]:
         return self.parallel.mean(self.op.hvp(v))
+
+    def _hvp_batched(self, vs: Leaves) -> list[Tensor]:
+        return self.parallel.mean(self.op.hvp_batched(vs))
 
     def mixed_vjp(self, x: Sequence[Tensor]) -> list[Tensor]:
         return self.parallel.mean(self.op.mixed_vjp(x))

@@ -32,6 +32,7 @@ from bilevel._strategies import (
     Exact,
     Identity,
     Neumann,
+    Nystrom,
     Strategy,
     Unroll,
 )
@@ -289,7 +290,7 @@ def ift_hypergradient(
     s: Leaves,
     train_batch: Any,
     val_batch: Any,
-    strategy: Neumann | Identity | ConjugateGradient | Exact,
+    strategy: Neumann | Identity | ConjugateGradient | Exact | Nystrom,
     seeds: Seeds,
     *,
     init: Leaves | None = None,
@@ -344,6 +345,22 @@ def ift_hypergradient(
         if residual:  # the recursion's residual drifts from the true one in low precision: recompute
             hx = _tree.add(op.hvp(x), x, strategy.damping) if strategy.damping else op.hvp(x)
             extra["residual"] = _tree.norm(_tree.add(hx, gw, -1.0))
+    elif isinstance(strategy, Nystrom):
+        sketch = _nystrom_sketch(strategy, w, seeds.train)
+        columns = op.hvp_batched(_tree.unravel_batched(sketch, w))  # C = HΩ: k products, one call
+        flat_c = torch.cat([c.reshape(c.shape[0], -1) for c in columns], dim=1)
+        try:
+            flat_x = _linalg.nystrom_solve(sketch, flat_c, _tree.ravel(gw), strategy.damping)
+        except torch.linalg.LinAlgError as err:
+            failure = (
+                f"Nystrom(rank={strategy.rank}): the k×k Woodbury system is singular ({err}); raise damping or "
+                f"lower rank."
+            )
+            return _failed(h, name, op.hvps, val, failure, extra)
+        x = _tree.unravel(flat_x, w)
+        if residual:
+            hx = _tree.add(op.hvp(x), x, strategy.damping)
+            extra["residual"] = _tree.norm(_tree.add(hx, gw, -1.0))
     else:  # Exact
         hessian = problem.dense_hessian(train_batch, w, h, s, seeds.train)
         op.hvps += hessian.shape[0]
@@ -362,6 +379,21 @@ def ift_hypergradient(
         strategy=name, hvps=op.hvps, val_loss=val, grad_norm=_tree.norm(grads), solution=problem.params(x), **extra
     )
     return grads, info
+
+
+def _nystrom_sketch(strategy: Nystrom, w: Leaves, seed: int | None) -> Tensor:
+    """Ωᵀ (k × P): k distinct unit coordinate vectors, or k Gaussian vectors; random but replayable."""
+    size = sum(t.numel() for t in w)
+    if strategy.rank > size:
+        raise ValueError(f"`Nystrom(rank={strategy.rank})`: rank must be at most the number of parameters ({size}).")
+    device, dtype = w[0].device, w[0].dtype
+    gen = torch.Generator(device=device).manual_seed(0 if seed is None else seed)
+    if strategy.sketch == "gaussian":
+        return torch.randn(strategy.rank, size, generator=gen, device=device, dtype=dtype)
+    picks = torch.randperm(size, generator=gen, device=device)[: strategy.rank]
+    sketch = torch.zeros(strategy.rank, size, device=device, dtype=dtype)
+    sketch[torch.arange(strategy.rank, device=device), picks] = 1.0
+    return sketch
 
 
 def _failed(

@@ -150,3 +150,16 @@ def dense_solve(hessian: Tensor, b: Tensor, damping: float) -> tuple[Tensor, Ten
         hessian = hessian + damping * torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     x = torch.linalg.solve(hessian, b)
     return x, torch.linalg.vector_norm(hessian @ x - b)
+
+
+def nystrom_solve(sketch: Tensor, columns: Tensor, v: Tensor, damping: float) -> Tensor:
+    r"""(H_k + ρI)⁻¹ v for the Nyström approximation H_k = C W⁻¹ Cᵀ, by the Woodbury identity.
+
+    ``sketch`` holds Ωᵀ (k × P) and ``columns`` Cᵀ = (HΩ)ᵀ (k × P); W = ΩᵀHΩ = Ωᵀ C. Then
+    (ρI + C W⁻¹ Cᵀ)⁻¹ v = (v − C (ρW + CᵀC)⁻¹ Cᵀ v) / ρ: one k×k solve, O(k²P) work. The k×k matrix
+    is symmetrised against round-off; a singular one raises ``torch.linalg.LinAlgError``.
+    """
+    W = sketch @ columns.T
+    inner = damping * (W + W.T) / 2 + columns @ columns.T
+    coefficients = torch.linalg.solve(inner, columns @ v)
+    return (v - columns.T @ coefficients) / damping

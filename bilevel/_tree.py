@@ -117,6 +117,12 @@ def unravel(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     return [piece.view_as(t) for piece, t in zip(torch.split(flat, sizes), like)]
 
 
+def unravel_batched(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Rows of a (k × P) matrix as k stacked trees: leaves of shape (k, *leaf.shape)."""
+    sizes = [t.numel() for t in like]
+    return [piece.reshape(flat.shape[0], *t.shape) for piece, t in zip(torch.split(flat, sizes, dim=1), like)]
+
+
 class Flat:
     """Leaves of one dtype and device as views into one contiguous vector, and back.
 
