@@ -223,7 +223,7 @@ def hypergradient(
                 "through, e.g. Unroll(steps=5, optimizer=torchopt.sgd(lr=0.1)). (BilevelOptimizer unrolls its own "
                 "inner optimiser and needs none.)"
             )
-        transformation = Transformation(strategy.optimizer, problem.params_spec)
+        transformation = Transformation(strategy.optimizer, problem.params_spec, hparams=problem.hparams(h))
         opt_state = transformation.init(w)
         # A fresh optimiser (started after its first update); the model state carries on from step to step.
         steps = [UnrollStep(k > 0, train_batch, s if k == 0 else None, seeds.train) for k in range(strategy.steps)]
@@ -455,7 +455,8 @@ def unrolled_hypergradient(
             model_state = model_state if step.state is None else step.state
             loss, model_state = mean_over_parts(problem.train_loss, step.batch, model_state, step.seed)
             inner_grads = torch.autograd.grad(loss, ww, create_graph=True)
-            ww, opt_state = transformation.apply(inner_grads, opt_state, ww, started=step.started)
+            hparams = problem.hparams(hh) if transformation.factory is not None else None
+            ww, opt_state = transformation.apply(inner_grads, opt_state, ww, started=step.started, hparams=hparams)
         final_state = model_state if val_state is None else val_state
         val, _ = mean_over_parts(problem.val_loss, val_batch, final_state, val_seed)
         found = torch.autograd.grad(val, hh, allow_unused=True)

@@ -129,7 +129,11 @@ class BilevelOptimizer:
         val_loss: ``(params, hparams, batch) -> scalar``.
         params: initial weights (pytree of floating tensors); copied, never mutated.
         hparams: initial hyperparameters (pytree of floating tensors); copied, never mutated.
-        inner: torchopt optimiser for the weights (paper: Adam 1e-4).
+        inner: torchopt optimiser for the weights (paper: Adam 1e-4), or a callable
+            ``hparams -> GradientTransformation`` whose own hyperparameters are tuned, e.g.
+            ``lambda h: torchopt.sgd(lr=h["log_lr"].exp())``: it is rebuilt from the current
+            hyperparameters at every update, and ``strategy=Unroll(K)`` differentiates through them
+            (an IFT strategy would give them a zero hypergradient and is refused).
         outer: torchopt optimiser for the hyperparameters (paper: RMSprop 1e-2).
         strategy: how hypergradients are computed (see [`hypergradient`][bilevel.hypergradient]).
         inner_steps: N, the number of inner updates per hyperstep.
@@ -196,7 +200,7 @@ class BilevelOptimizer:
         )
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise TypeError(f"`seed={seed!r}`: must be an int, or None to draw one from torch's global generator.")
-        check_transformation(inner, "inner")
+        check_transformation(inner, "inner", factory=True)
         check_transformation(outer, "outer")
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, numbers.Integral) or inner_steps < 1:
             raise ValueError(f"`inner_steps={inner_steps!r}`: must be an integer >= 1 (N in Algorithm 1).")
@@ -216,7 +220,16 @@ class BilevelOptimizer:
                     f"happened. Pass Unroll(steps={strategy.steps})."
                 )
         check_exact_fits(strategy, w)
-        self.inner: Transformation = Transformation(inner, self._problem.params_spec, w)
+        self.inner: Transformation = Transformation(inner, self._problem.params_spec, w, self._problem.hparams(h))
+        used = self.inner.hparams_used(w, h, self._problem.hparams_spec)
+        if used and not isinstance(strategy, Unroll):
+            names = ", ".join(_leaf_names(hparams)[i] for i in used)
+            raise ValueError(
+                f"`inner` uses the hyperparameters {names}, which act only through the inner optimiser: with "
+                f"strategy={strategy.name!r} (the implicit function theorem) their hypergradient would be silently "
+                f"zero — w*(λ) does not depend on a learning rate or momentum. Use strategy=bilevel.Unroll(K), which "
+                f"differentiates through the optimiser's last K updates."
+            )
         self.outer: Transformation = Transformation(outer, self._problem.hparams_spec, h)
         self.inner_steps: int = int(inner_steps)
         self.strict: bool = strict
@@ -327,7 +340,11 @@ class BilevelOptimizer:
             vector, state = self.inner.apply_flat(grads[0], run.inner_state, run.w_flat, started=run.inner_started)
             w: Leaves = flat.split(vector)
         else:
-            vector, (w, state) = None, self.inner.apply(grads, run.inner_state, run.w, started=run.inner_started)
+            hparams = self._problem.hparams(run.h) if self.inner.factory is not None else None
+            vector, (w, state) = (
+                None,
+                self.inner.apply(grads, run.inner_state, run.w, started=run.inner_started, hparams=hparams),
+            )
         written = [*(w if vector is None else [vector]), *float_leaves(state), *float_leaves(s)]
         if self._device_select:
             ok = torch.isfinite(loss) & _tree.all_finite(written)
@@ -511,6 +528,12 @@ def _trouble(strategy: Strategy, info: HypergradInfo, written: list[Tensor]) -> 
         )
         return what, advice, False
     return None
+
+
+def _leaf_names(tree: Any) -> list[str]:
+    """``hparams['log_lr']``-style names of a tree's leaves, in flattening order."""
+    paths, _, _ = optree.tree_flatten_with_path(tree)
+    return ["hparams" + "".join(f"[{key!r}]" for key in path) for path in paths]
 
 
 def _select(ok: Tensor, new: Leaves, old: Leaves) -> Leaves:

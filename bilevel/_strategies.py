@@ -349,9 +349,11 @@ class Unroll:
 
     Args:
         steps: number of differentiable inner updates, ≥ 1.
-        optimizer: a torchopt ``GradientTransformation`` such as ``torchopt.sgd(lr=0.1)``; needed by
-            the functional [`hypergradient`][bilevel.hypergradient], ``None`` in
-            [`BilevelOptimizer`][bilevel.BilevelOptimizer].
+        optimizer: a torchopt ``GradientTransformation`` such as ``torchopt.sgd(lr=0.1)``, or a callable
+            ``hparams -> GradientTransformation`` to differentiate through the optimiser's own
+            hyperparameters (``lambda h: torchopt.sgd(lr=h["log_lr"].exp())``); needed by the
+            functional [`hypergradient`][bilevel.hypergradient], ``None`` in
+            [`BilevelOptimizer`][bilevel.BilevelOptimizer] (it unrolls its own ``inner``).
 
     Example:
         >>> import bilevel, torchopt
@@ -370,7 +372,8 @@ class Unroll:
     def __post_init__(self) -> None:
         _check_int("Unroll", "steps", self.steps, 1)
         transformation = self.optimizer
-        looks_right = all(callable(getattr(transformation, name, None)) for name in ("init", "update"))
+        looks_right = callable(transformation) and not isinstance(transformation, type)
+        looks_right = looks_right or all(callable(getattr(transformation, n, None)) for n in ("init", "update"))
         if transformation is not None and not looks_right:
             raise TypeError(
                 f"`Unroll(optimizer={self.optimizer!r})`: optimizer must be a torchopt "

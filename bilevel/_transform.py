@@ -27,12 +27,20 @@ from bilevel._tree import Flat, Leaves
 _FLAG = "first_call"
 
 
-def check_transformation(value: Any, name: str) -> None:
-    """Raise ``TypeError`` unless ``value`` looks like a torchopt ``GradientTransformation``."""
-    if not (callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))):
-        raise TypeError(
-            f"`{name}` must be a torchopt GradientTransformation such as torchopt.adam(1e-4); got {value!r}."
-        )
+def is_transformation(value: Any) -> bool:
+    """Whether ``value`` looks like a torchopt ``GradientTransformation`` (``init`` and ``update``)."""
+    return callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))
+
+
+def check_transformation(value: Any, name: str, *, factory: bool = False) -> None:
+    """Raise ``TypeError`` unless ``value`` is a torchopt ``GradientTransformation`` (or, with ``factory``,
+    a callable ``hparams -> GradientTransformation``)."""
+    if is_transformation(value) or (factory and callable(value) and not isinstance(value, type)):
+        return  # (a class such as torch.optim.Adam is callable, but not a factory of transformations)
+    also = " or a callable hparams -> GradientTransformation" if factory else ""
+    raise TypeError(
+        f"`{name}` must be a torchopt GradientTransformation such as torchopt.adam(1e-4){also}; got {value!r}."
+    )
 
 
 def first_call_cells(transformation: Any) -> list[types.CellType]:
@@ -68,7 +76,7 @@ def first_call_cells(transformation: Any) -> list[types.CellType]:
 
 
 class Transformation:
-    """A torchopt transformation applied to flat leaves, with two things torchopt leaves to us.
+    """A torchopt transformation applied to flat leaves, with three things torchopt leaves to us.
 
     - Its ``first_call`` flags follow ``started`` (whether an update was applied) instead of its
       call history (see the module docstring).
@@ -76,40 +84,83 @@ class Transformation:
       small model costs more than the forward and backward passes (an Adam update measured ~3×
       ``torch.optim.Adam(foreach=True)``). Most transformations are elementwise, and then updating the
       concatenation of all leaves as one tensor gives the very same numbers with one operation each.
-      Whether this transformation is such is not guessed from its type: ``probe`` runs two updates of
-      random gradients both ways and compares them bitwise. Masks, per-parameter options and global
-      norms change the result or fail on one vector, so they keep the per-leaf layout, in which torchopt
+      Whether this transformation is such is not guessed from its type: two updates of random
+      gradients are run both ways and compared bitwise. Masks, per-parameter options and global norms
+      change the result or fail on one vector, so they keep the per-leaf layout, in which torchopt
       sees the user's own tree (masks written against it apply).
+    - Hyperparameters of the optimiser itself. ``source`` may be a callable ``hparams ->
+      GradientTransformation`` (e.g. ``lambda h: torchopt.sgd(lr=h["log_lr"].exp())``); it is called
+      with the current hyperparameters at every update, with differentiable ones when ``Unroll``
+      replays updates, so learning rates and momentum get hypergradients. Its state must not depend
+      on the hyperparameters (torchopt's states hold moments and counts, not rates).
     """
 
-    def __init__(self, transformation: Any, spec: optree.PyTreeSpec, like: Leaves | None = None) -> None:
-        self.transformation, self.spec = transformation, spec
-        self._cells = first_call_cells(transformation)
+    def __init__(self, source: Any, spec: optree.PyTreeSpec, like: Leaves | None = None, hparams: Any = None) -> None:
+        self.spec = spec
+        self.factory = None if is_transformation(source) else source
+        self.transformation = self._build(hparams) if self.factory is not None else source
+        self._cells = first_call_cells(self.transformation)
         self.flat: Flat | None = None
-        if like is not None and Flat.fits(like) and self._flat_equivalent(like):
+        if self.factory is None and like is not None and Flat.fits(like) and self._flat_equivalent(like):
             self.flat = Flat(like)
+
+    def _build(self, hparams: Any) -> Any:
+        assert self.factory is not None
+        built = self.factory(hparams)
+        if not is_transformation(built):
+            raise TypeError(
+                f"`inner(hparams)` must return a torchopt GradientTransformation, got {type(built).__name__}."
+            )
+        return built
+
+    def _at(self, hparams: Any) -> tuple[Any, list[types.CellType]]:
+        if self.factory is None:
+            return self.transformation, self._cells
+        built = self._build(hparams)
+        return built, first_call_cells(built)
 
     def init(self, w: Sequence[Tensor]) -> Any:
         if self.flat is not None:
             return self.transformation.init((self.flat.join(w),))
         return self.transformation.init(optree.tree_unflatten(self.spec, list(w)))
 
-    def _update(self, updates: Any, state: Any, params: Any, started: bool) -> tuple[Any, Any]:
+    def _update(self, updates: Any, state: Any, params: Any, started: bool, hparams: Any = None) -> tuple[Any, Any]:
         """``transformation.update`` as if the state had seen ``started`` earlier updates (0 or some)."""
-        for cell in self._cells:
+        transformation, cells = self._at(hparams)
+        for cell in cells:
             cell.cell_contents = not started
-        return self.transformation.update(updates, state, params=params, inplace=False)
+        return transformation.update(updates, state, params=params, inplace=False)
 
-    def apply(self, grads: Sequence[Tensor], state: Any, w: Sequence[Tensor], *, started: bool) -> tuple[Leaves, Any]:
+    def apply(
+        self, grads: Sequence[Tensor], state: Any, w: Sequence[Tensor], *, started: bool, hparams: Any = None
+    ) -> tuple[Leaves, Any]:
         """(w + update(grads), new state) on leaves. Out of place and differentiable: the inputs stay valid
-        (the optimiser commits a result only if it is finite; unrolling differentiates through it)."""
+        (the optimiser commits a result only if it is finite; unrolling differentiates through it).
+        ``hparams`` (a tree) feeds a factory ``source``; ignored otherwise."""
         if self.flat is not None:
             new, state = self.apply_flat(self.flat.join(grads), state, self.flat.join(w), started=started)
             return self.flat.split(new), state
         params = optree.tree_unflatten(self.spec, list(w))
-        updates, state = self._update(optree.tree_unflatten(self.spec, list(grads)), state, params, started)
+        updates, state = self._update(optree.tree_unflatten(self.spec, list(grads)), state, params, started, hparams)
         new = torchopt.apply_updates(params, updates, inplace=False)
         return tuple(optree.tree_leaves(new)), state
+
+    def hparams_used(self, w: Leaves, h: Leaves, hparams_spec: optree.PyTreeSpec) -> list[int]:
+        """Indices of the hyperparameter leaves a factory's updates depend on (two updates of unit
+        gradients, so that momentum, which the first update ignores, shows too)."""
+        if self.factory is None:
+            return []
+        with torch.enable_grad():
+            hh = [t.detach().requires_grad_() for t in h]
+            tree = optree.tree_unflatten(hparams_spec, hh)
+            state, ww = self.transformation.init(optree.tree_unflatten(self.spec, list(w))), tuple(w)
+            for started in (False, True):
+                ww, state = self.apply([torch.ones_like(t) for t in w], state, ww, started=started, hparams=tree)
+            total = sum(t.sum() for t in ww)
+            if not isinstance(total, Tensor) or not total.requires_grad:
+                return []
+            found = torch.autograd.grad(total, hh, allow_unused=True)
+        return [i for i, g in enumerate(found) if g is not None]
 
     def apply_flat(self, grad: Tensor, state: Any, w: Tensor, *, started: bool) -> tuple[Tensor, Any]:
         """:meth:`apply` on the concatenated vector (flat layout only)."""
