@@ -27,10 +27,18 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", "-m", "not slow", *session.posargs, env=threads)
 
 
+def _install_peers(session: nox.Session) -> None:
+    """The peers the benchmarks compare against: higher, and Betty (betty-ml 0.1.1 is the last release for
+    Python 3.11; its metadata has a `torch>=1.6.*` specifier that pip >= 24.1 rejects, hence the older pip)."""
+    session.install("pip<24.1")
+    session.install("higher>=0.2", "betty-ml", env=ENV)
+
+
 @nox.session
 def slow(session: nox.Session) -> None:
-    """Run the slow, statistical and end-to-end checks."""
+    """Run the slow, statistical and end-to-end checks (installs the benchmark peers for the harness test)."""
     _install(session, "test")
+    _install_peers(session)
     session.run("pytest", "-m", "slow", *session.posargs)
 
 
@@ -88,6 +96,7 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks vs the physical limit, torchopt and higher (`nox -s bench -- --quick --out DIR`)."""
-    session.install("-e", ".", "higher>=0.2", env=ENV)  # higher: the unrolling peer; ENV keeps torch pinned
+    """Benchmarks vs plain PyTorch, the physical limit, torchopt, higher and Betty (`nox -s bench -- --quick`)."""
+    _install(session, "test")  # scikit-learn for the digits tasks
+    _install_peers(session)
     session.run("python", "-m", "benchmarks", *(session.posargs or ["--out", "runs/bench"]))

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
     }
     results["overhead_ratio"], results["max_hparams"] = suite.overhead(cfg, log)
+    results["hvps_to_accuracy"], results["time_to_accuracy_in_run"] = suite.hvps_to_accuracy(cfg, log)
     for key in report.KEYS:
         if key not in results:
             results[key] = getattr(suite, key)(cfg, log)

@@ -1,7 +1,8 @@
 """Smoke test of the benchmark harness: a tiny configuration runs end to end and writes every key.
 
 Timings are never asserted (they are measurements, see docs/benchmarks.md); only the shape of the
-output and that every ratio is a positive finite number.
+output and that every ratio is a positive finite number. Needs the peers (betty-ml, higher) that
+`nox -s slow` and `nox -s bench` install.
 """
 
 from __future__ import annotations
@@ -13,14 +14,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = {
     "overhead_ratio",
     "torchopt_ratio",
     "time_to_accuracy",
+    "time_to_accuracy_in_run",
+    "hvps_to_accuracy",
     "unroll_vs_higher",
     "neumann_mem_ratio",
     "step_overhead_ratio",
+    "algorithm1_vs_handwritten",
+    "betty_ratio",
+    "bn_dropout_overhead",
     "hvp_modes",
     "max_hparams",
     "bilevel_vs_plain_training",
@@ -37,6 +45,7 @@ def _ratios(tree, path="", inside=False):
         yield path, tree
 
 
+@pytest.mark.slow  # a minute of CPU: the whole harness end to end, run by `nox -s slow`
 def test_tiny_run_writes_every_key_with_positive_finite_ratios(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run(

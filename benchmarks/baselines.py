@@ -1,0 +1,342 @@
+"""What users already have, written the way they would write it: plain PyTorch training steps, a
+hand-written Algorithm 1 (autograd double backward + ``torch.optim``), and Betty's Neumann
+hypergradient on the same task. Each case is a zero-argument callable, for :mod:`benchmarks.timing`.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchopt
+from torch import Tensor, nn
+
+import bilevel
+from benchmarks.problems import Problem
+
+
+def _decay(params: dict[str, Tensor] | list[Tensor], hparams: dict[str, Tensor] | list[Tensor]) -> Tensor:
+    """½ Σ e^λ w², the benchmark problems' per-weight decay."""
+    p = params.values() if isinstance(params, dict) else params
+    h = hparams.values() if isinstance(hparams, dict) else hparams
+    return 0.5 * sum((lam.exp() * w**2).sum() for w, lam in zip(p, h))
+
+
+class PlainTraining:
+    """``loss.backward()`` + ``torch.optim.Adam(foreach=True)`` on the module itself: the user's loop."""
+
+    def __init__(self, problem: Problem, lr: float = 1e-4) -> None:
+        self.module = copy.deepcopy(problem.module)
+        with torch.no_grad():
+            for name, p in self.module.named_parameters():
+                p.copy_(problem.params[name])
+        self.hparams = [problem.hparams[name] for name, _ in self.module.named_parameters()]
+        self.opt = torch.optim.Adam(self.module.parameters(), lr=lr, foreach=True)
+        self.batch = problem.train_batch
+
+    def step(self) -> Tensor:
+        x, y = self.batch
+        loss = F.cross_entropy(self.module(x), y) + _decay(list(self.module.parameters()), self.hparams)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss
+
+
+def plain_steps(problem: Problem, n: int, lr: float = 1e-4) -> Callable[[], Any]:
+    """``n`` plain PyTorch training steps."""
+    trainer = PlainTraining(problem, lr)
+
+    def run() -> Tensor:
+        for _ in range(n):
+            loss = trainer.step()
+        return loss
+
+    return run
+
+
+def bilevel_inner_steps(problem: Problem, n: int, lr: float = 1e-4) -> Callable[[], Any]:
+    """``n`` ``BilevelOptimizer.inner_step`` calls (Adam), no hyperstep."""
+    opt = bilevel.BilevelOptimizer(
+        problem.train_loss,
+        problem.val_loss,
+        problem.params,
+        problem.hparams,
+        inner=torchopt.adam(lr),
+        inner_steps=10**9,
+        seed=0,
+    )
+
+    def run() -> Tensor:
+        for _ in range(n):
+            loss = opt.inner_step(problem.train_batch)
+        return loss
+
+    return run
+
+
+class HandWritten:
+    """Algorithm 1 as a user writes it without a library: torch.optim for both levels and the Neumann
+    hypergradient by autograd double backward (the paper's Algorithm 2 and 3)."""
+
+    def __init__(self, problem: Problem, steps: int, alpha: float, lr: float, hlr: float) -> None:
+        self.trainer = PlainTraining(problem, lr)
+        self.module, self.batch, self.val = self.trainer.module, problem.train_batch, problem.val_batch
+        self.lam = [t.clone().requires_grad_() for t in self.trainer.hparams]
+        self.trainer.hparams = self.lam
+        self.outer = torch.optim.RMSprop(self.lam, lr=hlr, alpha=0.99, eps=1e-8, foreach=True)
+        self.steps, self.alpha = steps, alpha
+
+    def inner_step(self) -> Tensor:
+        x, y = self.batch
+        params = list(self.module.parameters())
+        loss = F.cross_entropy(self.module(x), y) + _decay(params, [t.detach() for t in self.lam])
+        self.trainer.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.trainer.opt.step()
+        return loss
+
+    def hyperstep(self) -> None:
+        params = list(self.module.parameters())
+        xv, yv = self.val
+        v = torch.autograd.grad(F.cross_entropy(self.module(xv), yv), params)
+        x, y = self.batch
+        g = torch.autograd.grad(
+            F.cross_entropy(self.module(x), y) + _decay(params, self.lam), params, create_graph=True
+        )
+        term, total = list(v), [t.clone() for t in v]
+        for _ in range(self.steps - 1):  # α Σ_j (I − αH)^j v with steps − 1 HVPs
+            hv = torch.autograd.grad(g, params, term, retain_graph=True)
+            term = [t - self.alpha * h for t, h in zip(term, hv)]
+            total = [a + t for a, t in zip(total, term)]
+        mixed = torch.autograd.grad(g, self.lam, [self.alpha * t for t in total])
+        for lam, m in zip(self.lam, mixed):
+            lam.grad = -m
+        self.outer.step()
+        for p in params:  # the double backward left nothing in .grad, but be explicit
+            p.grad = None
+
+
+def handwritten_run(problem: Problem, hypersteps: int, inner: int, steps: int, alpha: float) -> Callable[[], Any]:
+    def run() -> Tensor:
+        hand = HandWritten(problem, steps, alpha, lr=1e-3, hlr=1e-2)
+        for _ in range(hypersteps):
+            for _ in range(inner):
+                hand.inner_step()
+            hand.hyperstep()
+        return hand.lam[0].detach()
+
+    return run
+
+
+def bilevel_run(problem: Problem, hypersteps: int, inner: int, steps: int, alpha: float) -> Callable[[], Any]:
+    def run() -> Tensor:
+        opt = bilevel.BilevelOptimizer(
+            problem.train_loss,
+            problem.val_loss,
+            problem.params,
+            problem.hparams,
+            inner=torchopt.adam(1e-3),
+            outer=torchopt.rmsprop(1e-2),
+            strategy=bilevel.Neumann(steps=steps, alpha=alpha),
+            inner_steps=inner,
+            seed=0,
+        )
+        for _ in range(hypersteps * inner):
+            opt.step(problem.train_batch, problem.val_batch)
+        return next(iter(opt.hparams.values()))
+
+    return run
+
+
+def hyperstep_only(problem: Problem, steps: int, alpha: float) -> dict[str, Callable[[], Any]]:
+    """One hyperstep (hypergradient + outer update) at fixed weights, ours and hand-written."""
+    hand = HandWritten(problem, steps, alpha, lr=1e-3, hlr=1e-2)
+    opt = bilevel.BilevelOptimizer(
+        problem.train_loss,
+        problem.val_loss,
+        problem.params,
+        problem.hparams,
+        outer=torchopt.rmsprop(1e-2),
+        strategy=bilevel.Neumann(steps=steps, alpha=alpha),
+        seed=0,
+    )
+    return {
+        "ours": lambda: opt.outer_step(problem.train_batch, problem.val_batch),
+        "hand": hand.hyperstep,
+    }
+
+
+# ----------------------------------------------------------------------------------- BatchNorm
+
+
+def bn_dropout_problem(batch: int) -> tuple[nn.Module, nn.Module, tuple[Tensor, Tensor]]:
+    """A small CNN for 1×28×28 inputs, with and without BatchNorm + dropout (same convolutions)."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, 1, 28, 28, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
+
+    def cnn(norm: bool) -> nn.Module:
+        torch.manual_seed(0)
+        extra = (lambda c: [nn.BatchNorm2d(c)]) if norm else (lambda c: [])
+        return nn.Sequential(
+            nn.Conv2d(1, 16, 5), *extra(16), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 5), *extra(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), *([nn.Dropout(0.2)] if norm else []), nn.Linear(32 * 4 * 4, 10),
+        )  # fmt: skip
+
+    return cnn(False), cnn(True), (x, y)
+
+
+def module_cases(module: nn.Module, batch: tuple[Tensor, Tensor], n: int) -> dict[str, Callable[[], Any]]:
+    """``n`` inner steps of ``module``: plain PyTorch, and BilevelOptimizer through FunctionalModule."""
+    plain = copy.deepcopy(module).train()
+    adam = torch.optim.Adam(plain.parameters(), lr=1e-4, foreach=True)
+    x, y = batch
+
+    def plain_run() -> Tensor:
+        for _ in range(n):
+            loss = F.cross_entropy(plain(x), y)
+            adam.zero_grad(set_to_none=True)
+            loss.backward()
+            adam.step()
+        return loss
+
+    fm = bilevel.FunctionalModule(copy.deepcopy(module))
+    stateful = bool(fm.state)
+
+    def loss_fn(params: dict, hparams: dict, b: Any, *state: dict) -> Any:
+        if stateful:
+            logits, new_state = fm(params, state[0], b[0])
+            return F.cross_entropy(logits, b[1]), new_state
+        return F.cross_entropy(fm(params, {}, b[0])[0], b[1])
+
+    opt = bilevel.BilevelOptimizer(
+        loss_fn,
+        loss_fn,
+        fm.params,
+        {"unused": torch.zeros(())},
+        state=fm.state if stateful else None,
+        inner=torchopt.adam(1e-4),
+        inner_steps=10**9,
+        seed=0,
+    )
+
+    def ours_run() -> Tensor:
+        for _ in range(n):
+            loss = opt.inner_step(batch)
+        return loss
+
+    def forward() -> Tensor:  # one forward pass of the plain module, the unit of "extra passes"
+        with torch.no_grad():
+            return plain(x)
+
+    return {"plain": plain_run, "ours": ours_run, "forward": forward}
+
+
+# ------------------------------------------------------------------------------------------ Betty
+
+
+def digits_task(hidden: int, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any, Any]:
+    """scikit-learn's 8×8 digits, an MLP 64-hidden-10, 1 000 training / 797 validation images."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=dtype) / 16.0
+    y = torch.tensor(data.target)
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10)).to(dtype)
+    return module, (x[:1000], y[:1000]), (x[1000:], y[1000:])
+
+
+def ours_digits(hypersteps: int, inner: int, neumann_hvps: int, alpha: float, hidden: int) -> Callable[[], Any]:
+    module, train, val = digits_task(hidden)
+    fm = bilevel.FunctionalModule(module)
+
+    def train_loss(p: dict, h: dict, b: Any) -> Tensor:
+        return F.cross_entropy(fm(p, {}, b[0])[0], b[1]) + _decay(p, h)
+
+    def val_loss(p: dict, h: dict, b: Any) -> Tensor:
+        return F.cross_entropy(fm(p, {}, b[0])[0], b[1])
+
+    def run() -> Tensor:
+        opt = bilevel.BilevelOptimizer(
+            train_loss,
+            val_loss,
+            fm.params,
+            {k: torch.full_like(v, math.log(1e-3)) for k, v in fm.params.items()},
+            inner=torchopt.adam(1e-3),
+            outer=torchopt.adam(1e-2),
+            strategy=bilevel.Neumann(steps=neumann_hvps + 1, alpha=alpha),
+            inner_steps=inner,
+            seed=0,
+        )
+        for _ in range(hypersteps * inner):
+            result = opt.step(train, val)
+        return result.loss
+
+    return run
+
+
+def betty_digits(hypersteps: int, inner: int, neumann_hvps: int, alpha: float, hidden: int) -> Callable[[], Any]:
+    """The same task with Betty's ImplicitProblem / Engine and its Neumann hypergradient."""
+    import logging
+
+    from betty.configs import Config, EngineConfig
+    from betty.engine import Engine
+    from betty.problems import ImplicitProblem
+
+    logging.getLogger("betty").setLevel(logging.WARNING)  # Betty logs its problem graph at INFO on every run
+
+    module, train, val = digits_task(hidden)
+    names = [n for n, _ in module.named_parameters()]
+
+    class Decays(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.log = nn.ParameterList([nn.Parameter(torch.full_like(p, math.log(1e-3))) for p in module.parameters()])
+
+    class Inner(ImplicitProblem):
+        def training_step(self, batch: Any) -> Tensor:
+            x, y = batch
+            decays = list(self.outer.module.log)  # type: ignore[attr-defined]
+            return F.cross_entropy(self.module(x), y) + _decay(list(self.module.parameters()), decays)
+
+    class Outer(ImplicitProblem):
+        def training_step(self, batch: Any) -> Tensor:
+            x, y = batch
+            return F.cross_entropy(self.inner(x), y)  # type: ignore[attr-defined]
+
+    def run() -> Tensor:
+        inner_module = copy.deepcopy(module)
+        decays = Decays()
+        inner_problem = Inner(
+            name="inner",
+            module=inner_module,
+            optimizer=torch.optim.Adam(inner_module.parameters(), lr=1e-3),
+            train_data_loader=itertools.repeat(train),
+            config=Config(type="neumann", unroll_steps=inner, neumann_iterations=neumann_hvps, neumann_alpha=alpha),
+            device="cpu",
+        )
+        outer_problem = Outer(
+            name="outer",
+            module=decays,
+            optimizer=torch.optim.Adam(decays.parameters(), lr=1e-2),
+            train_data_loader=itertools.repeat(val),
+            config=Config(),
+            device="cpu",
+        )
+        engine = Engine(
+            problems=[outer_problem, inner_problem],
+            config=EngineConfig(train_iters=hypersteps * inner, valid_step=10**9),
+            dependencies={"l2u": {inner_problem: [outer_problem]}, "u2l": {outer_problem: [inner_problem]}},
+        )
+        engine.run()
+        return decays.log[0].detach()
+
+    assert len(names) == 4  # two layers: weight and bias each
+    return run
