@@ -198,38 +198,10 @@ class BilevelOptimizer:
         self._problem, w, h, s = Problem.create(
             train_loss, val_loss, params, hparams, state=state, autocast=autocast, distributed=distributed
         )
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-            raise TypeError(f"`seed={seed!r}`: must be an int, or None to draw one from torch's global generator.")
-        check_transformation(inner, "inner", factory=True)
-        check_transformation(outer, "outer")
-        if isinstance(inner_steps, bool) or not isinstance(inner_steps, numbers.Integral) or inner_steps < 1:
-            raise ValueError(f"`inner_steps={inner_steps!r}`: must be an integer >= 1 (N in Algorithm 1).")
-        if not isinstance(strict, bool):
-            raise TypeError(f"`strict={strict!r}`: must be True or False.")
-        if isinstance(strategy, Unroll):
-            if strategy.steps > inner_steps:
-                raise ValueError(
-                    f"`strategy=Unroll(steps={strategy.steps})` with `inner_steps={inner_steps}`: the optimiser can "
-                    f"unroll at most the inner_steps updates made since the last hyperstep (they are the ones "
-                    f"taken with the current hparams). Use steps <= inner_steps."
-                )
-            if strategy.optimizer is not None and strategy.optimizer is not inner:
-                raise ValueError(
-                    "`strategy=Unroll(steps, optimizer=...)` in BilevelOptimizer: the optimiser differentiates "
-                    "through its own `inner` updates, so another optimizer would describe updates that never "
-                    f"happened. Pass Unroll(steps={strategy.steps})."
-                )
+        _check_arguments(strategy, inner, outer, inner_steps, strict, seed)
         check_exact_fits(strategy, w)
         self.inner: Transformation = Transformation(inner, self._problem.params_spec, w, self._problem.hparams(h))
-        used = self.inner.hparams_used(w, h, self._problem.hparams_spec)
-        if used and not isinstance(strategy, Unroll):
-            names = ", ".join(_leaf_names(hparams)[i] for i in used)
-            raise ValueError(
-                f"`inner` uses the hyperparameters {names}, which act only through the inner optimiser: with "
-                f"strategy={strategy.name!r} (the implicit function theorem) their hypergradient would be silently "
-                f"zero — w*(λ) does not depend on a learning rate or momentum. Use strategy=bilevel.Unroll(K), which "
-                f"differentiates through the optimiser's last K updates."
-            )
+        _check_optimiser_hparams(self.inner, strategy, w, h, self._problem.hparams_spec, hparams)
         self.outer: Transformation = Transformation(outer, self._problem.hparams_spec, h)
         self.inner_steps: int = int(inner_steps)
         self.strict: bool = strict
@@ -505,6 +477,46 @@ class BilevelOptimizer:
         the optimiser exactly as it was.
         """
         self._run = self._flattened(from_dict(state, self._run, self._window_size))
+
+
+def _check_arguments(strategy: Strategy, inner: Any, outer: Any, inner_steps: Any, strict: Any, seed: Any) -> None:
+    """The constructor's argument checks, each error naming the argument as the user wrote it."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"`seed={seed!r}`: must be an int, or None to draw one from torch's global generator.")
+    check_transformation(inner, "inner", factory=True)
+    check_transformation(outer, "outer")
+    if isinstance(inner_steps, bool) or not isinstance(inner_steps, numbers.Integral) or inner_steps < 1:
+        raise ValueError(f"`inner_steps={inner_steps!r}`: must be an integer >= 1 (N in Algorithm 1).")
+    if not isinstance(strict, bool):
+        raise TypeError(f"`strict={strict!r}`: must be True or False.")
+    if isinstance(strategy, Unroll):
+        if strategy.steps > inner_steps:
+            raise ValueError(
+                f"`strategy=Unroll(steps={strategy.steps})` with `inner_steps={inner_steps}`: the optimiser can "
+                f"unroll at most the inner_steps updates made since the last hyperstep (they are the ones "
+                f"taken with the current hparams). Use steps <= inner_steps."
+            )
+        if strategy.optimizer is not None and strategy.optimizer is not inner:
+            raise ValueError(
+                "`strategy=Unroll(steps, optimizer=...)` in BilevelOptimizer: the optimiser differentiates "
+                "through its own `inner` updates, so another optimizer would describe updates that never "
+                f"happened. Pass Unroll(steps={strategy.steps})."
+            )
+
+
+def _check_optimiser_hparams(
+    inner: Transformation, strategy: Strategy, w: Leaves, h: Leaves, spec: optree.PyTreeSpec, hparams: Any
+) -> None:
+    """Refuse an IFT strategy when the inner optimiser itself uses hyperparameters (they would get 0)."""
+    used = inner.hparams_used(w, h, spec)
+    if used and not isinstance(strategy, Unroll):
+        names = ", ".join(_leaf_names(hparams)[i] for i in used)
+        raise ValueError(
+            f"`inner` uses the hyperparameters {names}, which act only through the inner optimiser: with "
+            f"strategy={strategy.name!r} (the implicit function theorem) their hypergradient would be silently "
+            f"zero — w*(λ) does not depend on a learning rate or momentum. Use strategy=bilevel.Unroll(K), which "
+            f"differentiates through the optimiser's last K updates."
+        )
 
 
 def _trouble(strategy: Strategy, info: HypergradInfo, written: list[Tensor]) -> tuple[str, str, bool] | None:
