@@ -49,9 +49,9 @@ class HypergradInfo:
 
     Attributes:
         strategy: the strategy's name (``"neumann"``, ``"identity"``, ``"cg"``, ``"exact"``,
-            ``"unroll"``).
+            ``"nystrom"``, ``"unroll"``).
         hvps: Hessian-vector products applied (power iteration and residual included; for
-            ``Exact`` the P columns of the dense Hessian).
+            ``Exact`` the P columns of the dense Hessian, for ``Nystrom`` its ``rank`` batched ones).
         power_hvps: how many of ``hvps`` estimated the spectral radius for ``alpha="auto"`` (0 when α
             was given, or reused from an earlier hyperstep by ``BilevelOptimizer``).
         val_loss: L_V at the given params and hparams (unrolled params for ``Unroll``).
@@ -164,8 +164,8 @@ def hypergradient(
         train_batch: passed to ``train_loss`` untouched.
         val_batch: passed to ``val_loss`` untouched.
         strategy: [`Neumann`][bilevel.Neumann], [`Identity`][bilevel.Identity],
-            [`ConjugateGradient`][bilevel.ConjugateGradient], [`Exact`][bilevel.Exact] or
-            [`Unroll`][bilevel.Unroll].
+            [`ConjugateGradient`][bilevel.ConjugateGradient], [`Exact`][bilevel.Exact],
+            [`Nystrom`][bilevel.Nystrom] or [`Unroll`][bilevel.Unroll].
         state: model state (e.g. [`FunctionalModule.state`][bilevel.FunctionalModule], BatchNorm's
             running statistics) passed to both losses; the new states they return are discarded
             here — a hypergradient never changes the model state.
