@@ -2,7 +2,7 @@
 
 Pass one as ``strategy=`` to [`hypergradient`][bilevel.hypergradient] or
 [`BilevelOptimizer`][bilevel.BilevelOptimizer].
-The IFT strategies (Neumann, Identity, ConjugateGradient, Exact) differ only in how they
+The IFT strategies (Neumann, Identity, ConjugateGradient, Exact, Nystrom) differ only in how they
 approximate H⁻¹v (Table 1 of Lorraine et al., 2020); Unroll differentiates through inner
 optimisation steps instead.
 """
