@@ -37,7 +37,7 @@ def neumann(
     From an initial guess x₀ the same series is applied to the residual r₀ = v − Hx₀ (one more
     product): x = x₀ + α Σ_j (I − αH)^j r₀, which is ``steps`` Richardson iterations
     x ← x + α(v − Hx) started at x₀ — the error (I − αH)^steps (x₀ − H⁻¹v) shrinks from x₀'s, not
-    from H⁻¹v's.
+    from H⁻¹v's. A guess with ‖r₀‖ > ‖v‖ is worse than none and is replaced by x₀ = 0.
 
     Departure from the paper's Algorithm 3: there the sum is returned without the outer α (the
     α is absorbed by the caller); we include it, so x → H⁻¹v as steps → ∞ whenever
@@ -50,7 +50,14 @@ def neumann(
     it is 1 − αμ < −1 (α too large for the top of the spectrum: ``diverging``), positive when it is
     1 − αμ > 1 (negative curvature, μ < 0, which no α > 0 cures).
     """
-    first = list(v) if x0 is None else _tree.add(v, matvec(x0), -1.0)  # r₀ = v − H x₀
+    first = list(v)
+    if x0 is not None:
+        residual = _tree.add(v, matvec(x0), -1.0)  # r₀ = v − H x₀
+        # A guess worse than 0 (‖r₀‖ > ‖v‖: the system moved, or an indefinite H drove an earlier solution
+        # far out) is dropped for the cold series; selected on the device, without a host sync.
+        keep = _tree.norm(residual) <= _tree.norm(v)
+        first = [torch.where(keep, r, t) for r, t in zip(residual, v)]
+        x0 = [torch.where(keep, t, torch.zeros_like(t)) for t in x0]
     term = previous = first
     total = [t.clone() for t in first]
     for _ in range(steps - 1):
@@ -86,9 +93,10 @@ def conjugate_gradient(
     r"""Solve (H + δI) x = b by conjugate gradients, starting from x₀ (default 0).
 
     Stops when ‖r‖ ≤ tol · ‖b‖ (relative to b, so a good x₀ stops early) or after ``maxiter``
-    iterations (one product each, plus one for the residual of a given x₀). H must be symmetric; CG
-    is guaranteed to converge only when H + δI is positive definite. If a search direction has zero
-    curvature (pᵀ(H+δI)p = 0) the solve stops there, unconverged.
+    iterations (one product each, plus one for the residual of a given x₀). An x₀ whose residual is
+    larger than ‖b‖ is worse than none: CG then starts from 0 (the product is spent all the same).
+    H must be symmetric; CG is guaranteed to converge only when H + δI is positive definite. If a
+    search direction has zero curvature (pᵀ(H+δI)p = 0) the solve stops there, unconverged.
     """
     # The loop already reads ‖r‖² and pᵀHp on the host to test convergence, so the step sizes are
     # Python floats and every vector update is one fused in-place pass over the tensors: the
@@ -101,6 +109,8 @@ def conjugate_gradient(
         if damping:
             _tree.add_(hx, x, damping)
         r = _tree.add(b, hx, -1.0)  # r₀ = b − (H + δI) x₀
+        if float(_tree.vdot(r, r)) > float(_tree.vdot(b, b)):  # worse than starting from 0: do that
+            x, r = [torch.zeros_like(t) for t in b], [t.clone() for t in b]
     p = [t.clone() for t in r]
     rs = float(_tree.vdot(r, r))
     threshold = tol * (math.sqrt(rs) if x0 is None else float(_tree.norm(b)))

@@ -133,7 +133,10 @@ class BilevelOptimizer:
             ``hparams -> GradientTransformation`` whose own hyperparameters are tuned, e.g.
             ``lambda h: torchopt.sgd(lr=h["log_lr"].exp())``: it is rebuilt from the current
             hyperparameters at every update, and ``strategy=Unroll(K)`` differentiates through them
-            (an IFT strategy would give them a zero hypergradient and is refused).
+            (an IFT strategy would give them a zero hypergradient and is refused). Transformations
+            are always called out of place (``inplace=False``), so a custom one must support that;
+            one rate per layer is a custom ``GradientTransformation`` that scales each leaf's update
+            by its own rate (the learning-rates recipe has one).
         outer: torchopt optimiser for the hyperparameters (paper: RMSprop 1e-2).
         strategy: how hypergradients are computed (see [`hypergradient`][bilevel.hypergradient]).
         inner_steps: N, the number of inner updates per hyperstep.
@@ -229,6 +232,7 @@ class BilevelOptimizer:
         # Strict mode must decide before changing anything, and Unroll records only the steps that
         # were applied, so both branch on the host.
         self._device_select: bool = w[0].device.type != "cpu" and not strict and not self._window_size
+        self._warned: dict[str, int] = {}  # warnings issued per kind (not state: a resumed run starts afresh)
 
     # ------------------------------------------------------------------------------ state
     @property
@@ -363,6 +367,14 @@ class BilevelOptimizer:
             self._report_inner_skips()
         return loss, torch.tensor(applied)
 
+    def _warn(self, kind: str, message: str) -> None:
+        """Warn on the 1st, 2nd, 4th, 8th, ... occurrence of ``kind`` (every one is in StepResult/info):
+        a run that keeps failing reports it without flooding the log."""
+        count = self._warned[kind] = self._warned.get(kind, 0) + 1
+        if count & (count - 1) == 0:
+            more = f" [{count} such hypersteps so far; the next warning comes at {2 * count}.]" if count > 1 else ""
+            warnings.warn(message + more, RuntimeWarning, stacklevel=4)
+
     def _check_sync(self, what: str) -> None:
         parallel = self._problem.parallel
         if parallel is not None and parallel.check_sync:
@@ -433,16 +445,17 @@ class BilevelOptimizer:
             n, where = run.hypersteps + 1, f"(strategy {info.strategy}, {info.hvps} HVPs)"
             if self.strict:  # raised before any state changes: the hyperstep did not happen
                 raise NonFiniteError(f"hyperstep {n}: {what} {where}; nothing was changed (strict mode).{advice}")
+            kind = "skipped" if skip else "diverging"
             if skip:
                 message = f"hyperstep {n} skipped: {what} {where}; hparams and outer state left unchanged.{advice}"
             else:
                 message = f"hyperstep {n}: {what} {where}; applied anyway (strict=True refuses it).{advice}"
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            self._warn(kind, message)
         fresh = info.lambda_max is not None and info.failure is None and info.alpha is not None
         alpha, age = (info.alpha, 1) if fresh else (run.alpha, run.alpha_age + 1)
         common: dict[str, Any] = dict(hypersteps=run.hypersteps + 1, window=(), alpha=alpha, alpha_age=age)
-        if skip:
-            self._run = run.replace(skipped_outer=run.skipped_outer + 1, **common)
+        if skip:  # a failed solve is no start for the next one: warm starts begin again from 0
+            self._run = run.replace(skipped_outer=run.skipped_outer + 1, solution=None, **common)
             return info, False
         solution = run.solution
         if getattr(self.strategy, "warm_start", False) and info.solution is not None:
