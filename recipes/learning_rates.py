@@ -1,6 +1,6 @@
 """Per-layer learning rates and momenta tuned online by truncated unrolling, against a fixed-rate grid.
 
-Lorraine et al. (2020, Section 6) note that the implicit function theorem cannot tune the
+Lorraine et al. (2020, Section 4.3) note that the implicit function theorem cannot tune the
 optimiser's own hyperparameters: w*(λ), the minimum the IFT differentiates, does not depend on a
 learning rate or a momentum. Differentiating through the optimiser's last K updates does see them
 (Maclaurin et al. 2015; Shaban et al. 2019 for the truncation), and ``bilevel.BilevelOptimizer`` does
