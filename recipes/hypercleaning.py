@@ -103,12 +103,13 @@ def corrupt_labels(y: Tensor, fraction: float, classes: int, generator: torch.Ge
     if classes < 2:
         raise ValueError(f"`classes={classes!r}`: need at least 2 classes to move a label to another one.")
     n = len(y)
-    chosen = torch.randperm(n, generator=generator)[: round(fraction * n)]
-    shift = torch.randint(1, classes, (len(chosen),), generator=generator)
+    chosen = torch.randperm(n, generator=generator)[: round(fraction * n)]  # a CPU generator's draws
+    shift = torch.randint(1, classes, (len(chosen),), generator=generator).to(y.device)
+    chosen = chosen.to(y.device)
     noisy = y.clone()
-    noisy[chosen] = (y[chosen] + shift.to(y.device)) % classes
+    noisy[chosen] = (y[chosen] + shift) % classes
     corrupted = torch.zeros(n, dtype=torch.bool, device=y.device)
-    corrupted[chosen.to(y.device)] = True
+    corrupted[chosen] = True
     return noisy, corrupted
 
 
