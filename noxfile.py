@@ -50,6 +50,8 @@ RECIPES = {
     "validation_split": ["proportions", "global", "per_weight"],
     "augmentation": ["val_acc", "test_acc", "peak_mem_bytes", "n_hparams"],
     "dropout_lstm": ["val_ppl", "test_ppl", "rates", "overfit_val_loss"],
+    "hypercleaning": ["test_acc", "detection"],
+    "learning_rates": ["test_acc", "learning_rates"],
 }
 
 

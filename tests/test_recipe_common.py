@@ -14,7 +14,7 @@ from tests.recipe_helpers import load_recipe
 
 common = load_recipe("recipe_common")
 RECIPES = ["hypergradient_accuracy", "overfit_validation", "distillation", "validation_split", "augmentation"]
-RECIPES += ["dropout_lstm"]
+RECIPES += ["dropout_lstm", "hypercleaning", "learning_rates"]
 
 
 @pytest.fixture
