@@ -24,9 +24,9 @@ and the peak memory of one Neumann vs one unrolled hyperstep. On CUDA that is
 ``torch.cuda.max_memory_allocated`` above the memory allocated before the step. On CPU it is
 measured in a fresh subprocess started with ``MALLOC_MMAP_THRESHOLD_=65536`` (so glibc returns
 large freed blocks to the OS and resident memory follows live tensor memory): the growth of peak
-resident memory (``ru_maxrss``) during one ``step()`` call that performs a hyperstep, above the
-resident memory just before it. It is a measurement of the process, so it varies slightly
-between runs and is not part of the resume guarantee.
+resident memory (``VmHWM``, its mark reset just before) during one ``step()`` call that performs a
+hyperstep, above the resident memory just before it. It is a measurement of the process, so it
+varies slightly between runs and is not part of the resume guarantee.
 
 Data: scikit-learn's 8×8 digits by default; ``--dataset cifar10 --data-dir DIR`` (python pickle
 batches) or ``--dataset mnist`` read real files. Nothing is downloaded.
@@ -46,7 +46,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -394,6 +393,22 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _peak_rss_bytes() -> int:
+    """This process's own peak resident memory (VmHWM). ``getrusage``'s ``ru_maxrss`` is the same counter
+    but also reports the peak inherited from the parent across exec, which would hide the child's."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def _reset_peak_rss() -> None:
+    """Reset the peak mark to the current resident memory (Linux: ``echo 5 > /proc/self/clear_refs``)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def measure_here(method: str, data: dict, cfg: dict, args: argparse.Namespace) -> int:
     """Peak extra memory of one step() call that performs a hyperstep (see the module docstring)."""
     device = args.device
@@ -409,9 +424,10 @@ def measure_here(method: str, data: dict, cfg: dict, args: argparse.Namespace) -
         opt.step(tb, vb)
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
+    _reset_peak_rss()
     before = _rss_bytes()
     opt.step(tb, vb)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before  # Linux reports KiB
+    return _peak_rss_bytes() - before
 
 
 def measure_memory(method: str, argv: list[str], args: argparse.Namespace, data: dict, cfg: dict) -> int:
