@@ -293,9 +293,13 @@ def plot_images(distilled: Tensor, real: Tensor, acc_distilled: float, acc_real:
         _show(axes[0, c], distilled[c])
         _show(axes[1, c], real[c])
         axes[0, c].set_title(str(c))
-    axes[0, 0].set_ylabel(f"distilled\n{acc_distilled:.1%}")
     mean = sum(acc_real) / len(acc_real)
-    axes[1, 0].set_ylabel(f"random real\nthis draw {acc_real[0]:.1%}\nmean of {len(acc_real)}: {mean:.1%}")
+    labels = (
+        f"distilled\n{acc_distilled:.1%}",
+        f"random real\nthis draw {acc_real[0]:.1%}\nmean of {len(acc_real)}: {mean:.1%}",
+    )
+    for ax, label in zip(axes[:, 0], labels):
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", labelpad=8)
     fig.suptitle(
         "One training image per class (red > 0, blue < 0, white = 0); "
         "test accuracy of a logistic regression trained on the row"
