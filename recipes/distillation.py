@@ -37,7 +37,6 @@ Data-parallel (each rank holds a shard of the real validation data; same updates
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -154,13 +153,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--dataset {args.dataset} reads files from disk: pass --data-dir pointing at your copy.")
     args.hypersteps = args.hypersteps if args.hypersteps is not None else (60 if args.quick else 300)
     args.draws = args.draws if args.draws is not None else (5 if args.quick else 20)
-    for flag in ("hypersteps", "inner_steps", "val_batch", "draws"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be an integer >= 1.")
-    for flag in ("inner_lr", "outer_lr", "weight_decay"):
-        value = getattr(args, flag)
-        if not (math.isfinite(value) and value > 0):
-            parser.error(f"--{flag.replace('_', '-')} {value}: must be a finite number > 0.")
+    recipe_common.require(
+        parser, args, ("hypersteps", "inner_steps", "val_batch", "draws"), ("inner_lr", "outer_lr", "weight_decay")
+    )
     return args
 
 
@@ -168,15 +163,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = recipe_common.prepare(args)  # --out and --device checked before any work
     args.rank, args.world, device = recipe_common.setup_distributed(device)
-    threads = torch.get_num_threads()
-    if device.type == "cpu" and args.dataset == "digits":
-        # 10×64 matrices: on a small, shared CPU, extra threads cost more in synchronisation than they
-        # save (measured: 4× faster with one thread on 2 busy cores).
-        torch.set_num_threads(1)
-    try:
+    with recipe_common.one_thread(device.type == "cpu" and args.dataset == "digits"):
         return run(args, device)
-    finally:
-        torch.set_num_threads(threads)
         recipe_common.teardown_distributed()
 
 

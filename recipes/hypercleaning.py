@@ -132,16 +132,7 @@ def split(args: argparse.Namespace, generator: torch.Generator):
     """(train, val, test) as (x, y) pairs: a stratified clean validation set, ``n_train`` training
     images from the rest of the training split, and the test split."""
     x, y, test_x, test_y = recipe_data.load_images(args.dataset, args.data_dir)
-    counts = torch.bincount(y)
-    if int(counts.min()) <= args.val_per_class:
-        raise ValueError(
-            f"--val-per-class {args.val_per_class}: every class needs more training images than that, found class "
-            f"counts {counts.tolist()}; lower --val-per-class."
-        )
-    val_idx = recipe_data.stratified_subset(y, args.val_per_class, generator)
-    left = torch.ones(len(y), dtype=torch.bool)
-    left[val_idx] = False
-    rest = torch.nonzero(left).flatten()
+    rest, val_idx = recipe_data.hold_out(y, args.val_per_class, generator)
     n_train = len(rest) if args.n_train is None else args.n_train
     if n_train > len(rest):
         raise ValueError(f"--n-train {n_train}: only {len(rest)} training images are left after the validation set.")
@@ -312,13 +303,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.hypersteps = args.hypersteps if args.hypersteps is not None else (30 if args.quick else 300)
     if not 0.0 <= args.corruption < 1.0:
         parser.error(f"--corruption {args.corruption}: must lie in [0, 1) (some clean training labels must remain).")
-    for flag in ("val_per_class", "hypersteps", "inner_steps", "hidden", *(("n_train",) if args.n_train else ())):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be an integer >= 1.")
-    for flag in ("inner_lr", "outer_lr", "weight_decay"):
-        value = getattr(args, flag)
-        if not (math.isfinite(value) and value > 0):
-            parser.error(f"--{flag.replace('_', '-')} {value}: must be a finite number > 0.")
+    counts = ("val_per_class", "hypersteps", "inner_steps", "hidden", *(("n_train",) if args.n_train else ()))
+    recipe_common.require(parser, args, counts, ("inner_lr", "outer_lr", "weight_decay"))
     if not (math.isfinite(args.cg_damping) and args.cg_damping >= 0):
         parser.error(f"--cg-damping {args.cg_damping}: must be a finite number >= 0.")
     args.steps = args.hypersteps * args.inner_steps  # every model of the comparison trains this long
@@ -328,14 +314,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = recipe_common.prepare(args)  # --out and --device checked before any work
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        # Small full-batch models are all per-op overhead: one thread beats two contending ones.
-        torch.set_num_threads(1)
-    try:
+    with recipe_common.one_thread(device.type == "cpu"):
         return run(args, device)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:

@@ -313,14 +313,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = recipe_common.prepare(args)  # --out and --device checked before any work
     start = time.perf_counter()
-    # A 49–97-weight model is all per-op overhead: one CPU thread is several times faster than two
-    # threads contending for a busy machine. Restored on exit (main() may be called in-process).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with recipe_common.one_thread():  # a 49–97-weight model: all per-op overhead
         return _run(args, device, start)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args, device: torch.device, start: float) -> dict:

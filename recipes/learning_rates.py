@@ -98,16 +98,8 @@ def per_layer_sgd(lrs: Tensor, momenta: Tensor, layer_of: dict[str, int]) -> tor
 
 def split(args: argparse.Namespace, generator: torch.Generator):
     x, y, test_x, test_y = recipe_data.load_images(args.dataset, args.data_dir)
-    counts = torch.bincount(y)
-    if int(counts.min()) <= args.val_per_class:
-        raise ValueError(
-            f"--val-per-class {args.val_per_class}: every class needs more training images than that, found class "
-            f"counts {counts.tolist()}; lower --val-per-class."
-        )
-    val_idx = recipe_data.stratified_subset(y, args.val_per_class, generator)
-    left = torch.ones(len(y), dtype=torch.bool)
-    left[val_idx] = False
-    return (x[left], y[left]), (x[val_idx], y[val_idx]), (test_x, test_y)
+    rest, val_idx = recipe_data.hold_out(y, args.val_per_class, generator)
+    return (x[rest], y[rest]), (x[val_idx], y[val_idx]), (test_x, test_y)
 
 
 def make_model(pixels: int, hidden: int, classes: int) -> nn.Sequential:
@@ -278,15 +270,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--grid {grid!r}: expected comma-separated learning rates such as 0.01,0.1,1")
     if not args.grid or not all(math.isfinite(v) and v > 0 for v in args.grid):
         parser.error(f"--grid {grid!r}: expected comma-separated learning rates > 0 such as 0.01,0.1,1")
-    for flag in ("steps", "batch_size", "unroll", "val_per_class", "hidden"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be an integer >= 1.")
+    recipe_common.require(parser, args, ("steps", "batch_size", "unroll", "val_per_class", "hidden"))
     if args.unroll > args.steps:
         parser.error(f"--unroll {args.unroll} / --steps {args.steps}: need unroll <= steps for one hyperstep.")
-    for flag in ("outer_lr", "init_lr"):
-        value = getattr(args, flag)
-        if not (math.isfinite(value) and value > 0):
-            parser.error(f"--{flag.replace('_', '-')} {value}: must be a finite number > 0.")
+    recipe_common.require(parser, args, positive=("outer_lr", "init_lr"))
     if not 0 < args.init_momentum < 1:
         parser.error(f"--init-momentum {args.init_momentum}: must lie strictly between 0 and 1 (it is a logit).")
     args.record_every = max(1, args.steps // 60)
@@ -296,13 +283,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = recipe_common.prepare(args)  # --out and --device checked before any work
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # small minibatches: per-op overhead, where one thread beats two busy ones
-    try:
+    with recipe_common.one_thread(device.type == "cpu"):
         return run(args, device)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:

@@ -263,15 +263,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = recipe_common.prepare(args)  # --out and --device checked before any work
     args.rank, args.world, device = recipe_common.setup_distributed(device)
-    # 8×8 digits models are all per-op overhead: one CPU thread beats two threads contending on a
-    # busy machine. Restored on exit (main() may be called in-process).
-    threads = torch.get_num_threads()
-    if args.dataset == "digits":
-        torch.set_num_threads(1)
     try:
-        return _run(args, device)
+        with recipe_common.one_thread(args.dataset == "digits"):
+            return _run(args, device)
     finally:
-        torch.set_num_threads(threads)
         recipe_common.teardown_distributed()
 
 

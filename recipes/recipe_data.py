@@ -191,6 +191,23 @@ def stratified_subset(y: Tensor, per_class: int, generator: torch.Generator) -> 
     return torch.cat(picks)
 
 
+def hold_out(y: Tensor, per_class: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """(remaining indices, validation indices): ``per_class`` random examples of every class held out.
+
+    Raises ``ValueError`` naming ``--val-per-class`` when a class has no example left over.
+    """
+    counts = torch.bincount(y)
+    if int(counts.min()) <= per_class:
+        raise ValueError(
+            f"--val-per-class {per_class}: every class needs more training images than that, found class "
+            f"counts {counts.tolist()}; lower --val-per-class."
+        )
+    val_idx = stratified_subset(y, per_class, generator)
+    left = torch.ones(len(y), dtype=torch.bool)
+    left[val_idx] = False
+    return torch.nonzero(left).flatten(), val_idx
+
+
 def default_device() -> str:
     """ "cuda" when a GPU is visible, else "cpu"."""
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -195,30 +195,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.proportions = [0.1, 0.5, 0.9] if args.quick else [0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
     args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     args.hypersteps = args.hypersteps if args.hypersteps is not None else (20 if args.quick else 100)
-    for flag in ("repeats", "hypersteps", "inner_steps"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be an integer >= 1.")
+    recipe_common.require(parser, args, ("repeats", "hypersteps", "inner_steps"))
     if args.warmup < 0:
         parser.error(f"--warmup {args.warmup}: must be an integer >= 0.")
-    for flag in ("inner_lr", "outer_lr", "init_decay"):
-        value = getattr(args, flag)
-        if not (math.isfinite(value) and value > 0):
-            parser.error(f"--{flag.replace('_', '-')} {value}: must be a finite number > 0.")
+    recipe_common.require(parser, args, positive=("inner_lr", "outer_lr", "init_decay"))
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = recipe_common.prepare(args)  # --out and --device checked before any work
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        # 64×10 weights: on a small, shared CPU, extra threads cost more in synchronisation than they
-        # save (measured: 4× faster with one thread on 2 busy cores).
-        torch.set_num_threads(1)
-    try:
+    with recipe_common.one_thread(device.type == "cpu"):
         return run(args, device)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
