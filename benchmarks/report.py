@@ -222,15 +222,19 @@ def markdown(results: dict[str, Any]) -> str:
     hv = results["hvps_to_accuracy"]["details"]
     lines += [
         "",
-        f"## HVPs per hyperstep to cosine ≥ {inrun_target()} inside a run ({hv['hypersteps']} hypersteps, digits)",
+        f"## HVPs per hyperstep to cosine ≥ {inrun_target()} inside a run (digits)",
         "",
-        "| problem | method | median HVPs | per hyperstep |",
-        "|---|---|---|---|",
+        "| problem | method | median HVPs | per hyperstep | median cosine at a budget of HVPs (where computed) |",
+        "|---|---|---|---|---|",
     ]
     for kind, row in hv["problems"].items():
         for family, hit in row["hvps_to_0.99"].items():
             per = ", ".join("–" if not math.isfinite(v) else str(int(v)) for v in hit["per_hyperstep"])
-            lines.append(f"| {kind} ({row['params']:,} weights) | {family} | {_fmt(float(hit['median']))} | {per} |")
+            at = ", ".join(f"{b}: {c:.3f}" for b, c in hit["median_cosine_at"].items()) or "–"
+            lines.append(
+                f"| {kind} ({row['params']:,} weights, {row['hypersteps']} hypersteps) | {family} | "
+                f"{_fmt(float(hit['median']))} | {per} | {at} |"
+            )
     tr = results["time_to_accuracy_in_run"]["details"]
     lines += ["", "Time to that accuracy at the run's last hyperstep (ms):", ""]
     for kind, row in tr.items():

@@ -60,8 +60,11 @@ def neumann(
         x0 = [torch.where(keep, t, torch.zeros_like(t)) for t in x0]
     term = previous = first
     total = [t.clone() for t in first]
-    for _ in range(steps - 1):
-        previous, term = term, _tree.add(term, matvec(term), -alpha)  # term ← (I − αH) term
+    for j in range(steps - 1):
+        new = _tree.add(term, matvec(term), -alpha)  # term ← (I − αH) term
+        if j == steps - 2:  # keep t_{s−2} for the divergence test (only then: memory stays flat in steps)
+            previous = term
+        term = new
         _tree.add_(total, term)
     tiny = torch.finfo(v[0].dtype).tiny
     growth = _tree.norm(term) / _tree.norm(first).clamp_min(tiny)
