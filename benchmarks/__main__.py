@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--out DIR] [--only KEY ...]``: run and write bench.json/bench.md."""
+"""``python -m benchmarks [--quick] [--out DIR] [--threads N] [--rounds N]``: run and write bench.json/bench.md."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ from benchmarks import memory, report, suite
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="small sizes and few rounds (under ~2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, few rounds (~3.5 min, 1 core)")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # seconds; the smoke test's size
     parser.add_argument("--out", type=Path, default=Path("runs") / "bench", help="output directory")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (default 1: least noise on a shared machine)"
     )
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 3 quick, 7 full)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 3 quick, 5 full)")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads={args.threads}: must be >= 1")

@@ -78,8 +78,20 @@ def _fmt(x: Any) -> str:
     if isinstance(x, bool) or x is None:
         return {True: "yes", False: "**no**", None: "–"}[x]
     if isinstance(x, float):
-        return f"{x:,.0f}" if abs(x) >= 1e4 else f"{x:.3g}"
+        if not math.isfinite(x):  # printed like the None it becomes in bench.json
+            return "–"
+        if abs(x) >= 1e4:
+            return f"{x:,.0f}"
+        # four decimals near 1, so that a ratio of 1.0005 against a goal of 1.0 does not print as "1"
+        if x.is_integer():
+            return f"{x:.0f}"
+        return f"{x:.4f}" if 0.1 <= abs(x) < 10 else f"{x:.3g}"
     return str(x)
+
+
+def _reached(hvps: float | None) -> str:
+    """A median count of HVPs, or "not reached" (inf in a run, None once through JSON)."""
+    return "not reached" if hvps is None or not math.isfinite(hvps) else _fmt(float(hvps))
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -229,16 +241,18 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for kind, row in hv["problems"].items():
         for family, hit in row["hvps_to_0.99"].items():
-            per = ", ".join("–" if not math.isfinite(v) else str(int(v)) for v in hit["per_hyperstep"])
+            per = ", ".join("–" if v is None or not math.isfinite(v) else str(int(v)) for v in hit["per_hyperstep"])
             at = ", ".join(f"{b}: {c:.3f}" for b, c in hit["median_cosine_at"].items()) or "–"
             lines.append(
                 f"| {kind} ({row['params']:,} weights, {row['hypersteps']} hypersteps) | {family} | "
-                f"{_fmt(float(hit['median']))} | {per} | {at} |"
+                f"{_reached(hit['median'])} | {per} | {at} |"
             )
     tr = results["time_to_accuracy_in_run"]["details"]
     lines += ["", "Time to that accuracy at the run's last hyperstep (ms):", ""]
     for kind, row in tr.items():
         parts = ", ".join(f"{k} {v:.1f}" for k, v in row.get("ms", {}).items())
+        if not parts:
+            parts = "no method reached the target within the budget grid, so nothing to time"
         lines.append(f"- {kind}: torchopt's best / ours = {_fmt(row['ratio'])}; {parts}")
 
     h = results["hvp_modes"]["details"]

@@ -62,7 +62,9 @@ def test_tiny_run_writes_every_key_with_positive_finite_ratios(tmp_path):
     assert KEYS <= results.keys()
     for key in KEYS:
         value = results[key]["value"]
-        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
+        assert isinstance(value, (int, float)) and math.isfinite(value), (key, value)
+        # a difference of two timings (extra forward passes) may come out slightly negative
+        assert value > 0 or key == "bn_dropout_overhead", (key, value)
     found = {where: v for key in KEYS for where, v in _ratios(results[key]["details"], key)}
     assert len(found) >= 10  # the per-problem and per-K ratios are there too
     for where, value in found.items():
@@ -74,3 +76,8 @@ def test_tiny_run_writes_every_key_with_positive_finite_ratios(tmp_path):
     table = (tmp_path / "bench.md").read_text()
     for key in KEYS:
         assert f"`{key}`" in table
+    # the tables can be rebuilt from bench.json alone (how docs/benchmarks.md is refreshed)
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import report
+
+    assert report.markdown(results) == table
