@@ -82,3 +82,15 @@ def test_readme_numbers_are_on_the_page(page: str, cell: str) -> None:
     text = (ROOT / page).read_text(encoding="utf-8")
     missing = [n for n in numbers(cell) if not on_page(n, text)]
     assert not missing, f"README row for {page} quotes {missing}, which {page} does not contain"
+
+
+def test_readme_benchmark_summary_numbers_are_on_the_benchmarks_page() -> None:
+    """The README's Benchmarks paragraph summarises docs/benchmarks.md and quotes nothing else."""
+    readme = README.read_text(encoding="utf-8")
+    start = readme.index("## Benchmarks")
+    section = readme[start : readme.index("\n## ", start + 1)]
+    page = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    found = numbers(section)
+    assert len(found) >= 10, f"expected the benchmark summary in README.md, found {found}"
+    missing = [n for n in found if not on_page(n, page)]
+    assert not missing, f"README's Benchmarks section quotes {missing}, which docs/benchmarks.md does not contain"
