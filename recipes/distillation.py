@@ -162,10 +162,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = recipe_common.prepare(args)  # --out and --device checked before any work
-    args.rank, args.world, device = recipe_common.setup_distributed(device)
-    with recipe_common.one_thread(device.type == "cpu" and args.dataset == "digits"):
-        return run(args, device)
-        recipe_common.teardown_distributed()
+    with recipe_common.distributed(device) as (args.rank, args.world, device):
+        with recipe_common.one_thread(device.type == "cpu" and args.dataset == "digits"):
+            return run(args, device)
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:

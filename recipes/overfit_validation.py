@@ -262,12 +262,9 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = recipe_common.prepare(args)  # --out and --device checked before any work
-    args.rank, args.world, device = recipe_common.setup_distributed(device)
-    try:
+    with recipe_common.distributed(device) as (args.rank, args.world, device):
         with recipe_common.one_thread(args.dataset == "digits"):
             return _run(args, device)
-    finally:
-        recipe_common.teardown_distributed()
 
 
 def _run(args, device: torch.device) -> dict:

@@ -123,6 +123,18 @@ def teardown_distributed() -> None:
         dist.destroy_process_group()
 
 
+@contextmanager
+def distributed(device: torch.device) -> Iterator[tuple[int, int, torch.device]]:
+    """:func:`setup_distributed` for the block, and the process group destroyed after it however the
+    block ends: a rank that exits with its gloo group alive can abort at interpreter shutdown
+    ("terminate called without an active exception")."""
+    rank, world, device = setup_distributed(device)
+    try:
+        yield rank, world, device
+    finally:
+        teardown_distributed()
+
+
 def shard(x: torch.Tensor, y: torch.Tensor, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """This rank's slice of (x, y) and the weight that makes per-rank mean losses average to the full mean.
 

@@ -109,3 +109,34 @@ def test_progress_in_a_log_file_is_one_readable_line_per_five_percent(capsys):
     assert lines[0].startswith("tuning  10/200 (5%)  0:00:00 elapsed, ~0:00:00 left  loss=0.1  hyperstep=9")
     assert lines[-1].startswith("tuning  200/200 (100%)")
     assert all("━" not in line and "…" not in line for line in lines)
+
+
+@pytest.mark.parametrize(("name", "body"), [("distillation", "run"), ("overfit_validation", "_run")])
+@pytest.mark.parametrize("ending", ["returns", "raises"])
+def test_recipes_destroy_their_process_group_however_the_run_ends(name, body, ending, monkeypatch, tmp_path):
+    """A torchrun rank that exits with its gloo group alive can abort at shutdown, so the recipes that
+    join a process group must leave it on every path out of main()."""
+    recipe, calls = load_recipe(name), []
+    monkeypatch.setattr(common, "teardown_distributed", lambda: calls.append("teardown"))
+
+    def fake_run(args, device):
+        calls.append("run")
+        if ending == "raises":
+            raise RuntimeError("the run failed")
+        return {}
+
+    monkeypatch.setattr(recipe, body, fake_run)
+    argv = ["--quick", "--device", "cpu", "--out", str(tmp_path)]
+    if ending == "raises":
+        with pytest.raises(RuntimeError, match="the run failed"):
+            recipe.main(argv)
+    else:
+        assert recipe.main(argv) == {}
+    assert calls == ["run", "teardown"]
+
+
+def test_only_recipe_common_joins_a_process_group_directly():
+    """Recipes go through ``recipe_common.distributed`` (which always tears down), never the raw setup."""
+    for name in RECIPES:
+        source = (common.Path(common.__file__).parent / f"{name}.py").read_text(encoding="utf-8")
+        assert "setup_distributed(" not in source and "init_process_group(" not in source, name
