@@ -82,9 +82,9 @@ def _fmt(x: Any) -> str:
             return "–"
         if abs(x) >= 1e4:
             return f"{x:,.0f}"
-        # four decimals near 1, so that a ratio of 1.0005 against a goal of 1.0 does not print as "1"
         if x.is_integer():
             return f"{x:.0f}"
+        # four decimals near 1, so that a ratio of 1.0005 against a goal of 1.0 does not print as "1"
         return f"{x:.4f}" if 0.1 <= abs(x) < 10 else f"{x:.3g}"
     return str(x)
 
