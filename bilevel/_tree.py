@@ -107,7 +107,7 @@ def sum_is_finite(x: Sequence[Tensor]) -> Tensor:
 
 
 def ravel(x: Sequence[Tensor]) -> Tensor:
-    """Concatenate tensors into one vector (for the dense reference solve only)."""
+    """Concatenate tensors into one vector (differentiable; a copy)."""
     return torch.cat([t.reshape(-1) for t in x])
 
 
@@ -143,7 +143,7 @@ class Flat:
 
     def join(self, leaves: Sequence[Tensor]) -> Tensor:
         """The leaves concatenated into one new vector (differentiable)."""
-        return torch.cat([t.reshape(-1) for t in leaves])
+        return ravel(leaves)
 
     def split(self, flat: Tensor) -> Leaves:
         """Views of ``flat`` shaped like the leaves (differentiable; no copy)."""
