@@ -46,7 +46,7 @@ def _ratios(tree, path="", inside=False):
 
 
 @pytest.mark.slow  # a minute of CPU: the whole harness end to end, run by `nox -s slow`
-def test_tiny_run_writes_every_key_with_positive_finite_ratios(tmp_path):
+def test_tiny_run_writes_every_key_with_positive_finite_ratios(tmp_path, monkeypatch):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--tiny", "--out", str(tmp_path)],
@@ -77,7 +77,7 @@ def test_tiny_run_writes_every_key_with_positive_finite_ratios(tmp_path):
     for key in KEYS:
         assert f"`{key}`" in table
     # the tables can be rebuilt from bench.json alone (how docs/benchmarks.md is refreshed)
-    sys.path.insert(0, str(ROOT))
+    monkeypatch.syspath_prepend(str(ROOT))
     from benchmarks import report
 
     assert report.markdown(results) == table

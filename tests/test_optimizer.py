@@ -472,4 +472,6 @@ def test_a_mask_keeps_the_per_leaf_layout():
     assert opt.inner.flat is None  # the mask is written against the params' own tree
     opt.inner_step((torch.zeros(4, problem.d), torch.zeros(4)))  # zero data: only decay and the penalty act
     a, b = opt.params["a"], opt.params["b"]
-    assert not torch.allclose(a, b[:3])  # "a" got the extra decay, "b" did not
+    # zero data leave ∇ = e^0 w = 1 everywhere: "a" also gets the masked decay 0.5 w, "b" does not
+    torch.testing.assert_close(a, torch.full_like(a, 1 - 0.05 * (1 + 0.5)), rtol=0, atol=1e-15)
+    torch.testing.assert_close(b, torch.full_like(b, 1 - 0.05), rtol=0, atol=1e-15)

@@ -7,6 +7,7 @@ would run it (once per module); the assertions read the results.json it writes.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,7 @@ def test_cleaning_results_have_the_documented_keys(cleaning_run):
     for kind in ("linear", "mlp"):
         assert set(results["strategies"][kind]) == {"neumann", "cg"}
         for summary in results["strategies"][kind].values():
-            assert summary["wall_time_s"] > 0 and summary["hvps_per_hyperstep"] > 0
+            assert math.isfinite(summary["wall_time_s"]) and summary["hvps_per_hyperstep"] > 0
     assert results["n_hparams"] == results["sizes"]["train"]
     assert results["n_corrupted"] == round(0.5 * results["n_hparams"])
     for png in ("hypercleaning_weights.png", "hypercleaning_accuracy.png"):
@@ -185,7 +186,7 @@ def test_rates_are_tuned_upwards_from_a_small_start(rates_run):
     results = _read(rates_run[0])
     for name, curve in results["learning_rates"]["lr"].items():
         assert curve[-1] > 2 * curve[0], name
-    assert results["test_acc"]["tuned"] > results["test_acc"]["grid"]["0.01"] - 0.02
+    assert results["test_acc"]["tuned"] > results["test_acc"]["grid"]["0.01"]  # better than where it started
     assert results["test_acc"]["grid"]["1"] < 0.5  # lr 1 with momentum 0.9 diverges: the grid has a bad end
 
 
@@ -205,7 +206,7 @@ def test_per_layer_sgd_matches_torch_sgd_with_one_rate():
             p.grad = g[k].clone()
         torch_sgd.step()
     for k in params:
-        torch.testing.assert_close(ours[k], reference[k].detach())
+        torch.testing.assert_close(ours[k], reference[k].detach(), rtol=0, atol=1e-15)
 
 
 def test_rates_bad_flags_are_clear(capsys, tmp_path):

@@ -139,7 +139,7 @@ def test_functional_init_and_solution_round_trip():
     # Neumann from the exact solution stays there: x₀ + α Σ (I − αH)^j (v − Hx₀) with v − Hx₀ = 0.
     neumann, _ = bilevel.hypergradient(*args, strategy=bilevel.Neumann(steps=3, alpha=0.1), init=info.solution)
     torch.testing.assert_close(Ridge.flat(neumann), Ridge.flat(exact), rtol=0, atol=1e-12)
-    with pytest.raises(ValueError, match="init"):
+    with pytest.raises(ValueError, match="`init` is an initial guess for ConjugateGradient and Neumann; exact"):
         bilevel.hypergradient(*args, strategy=bilevel.Exact(), init=info.solution)
     with pytest.raises(ValueError, match="structure and shapes of `params`"):
         bilevel.hypergradient(*args, strategy=bilevel.ConjugateGradient(5), init={"w": torch.zeros(7)})
