@@ -146,9 +146,9 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"`--{key.replace('_', '-')} {value}`: must be an integer >= {minimum}.")
     if cfg["steps"] < cfg["inner_steps"]:
         raise ValueError(f"`--steps {cfg['steps']}` must be >= `--inner-steps {cfg['inner_steps']}`.")
-    if not args.overfit_hlr > 0:
+    if not (math.isfinite(args.overfit_hlr) and args.overfit_hlr > 0):
         raise ValueError(f"`--overfit-hlr {args.overfit_hlr}`: must be > 0 (default 0.01).")
-    if not args.overfit_damping >= 0:
+    if not (math.isfinite(args.overfit_damping) and args.overfit_damping >= 0):
         raise ValueError(f"`--overfit-damping {args.overfit_damping}`: must be >= 0 (default 80; 0 = plain Adam).")
     if args.stop_after is not None and (args.stop_after < 1 or args.checkpoint is None):
         raise ValueError(f"`--stop-after {args.stop_after}`: must be an integer >= 1 and needs --checkpoint.")

@@ -303,7 +303,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.hypersteps = args.hypersteps if args.hypersteps is not None else (30 if args.quick else 300)
     if not 0.0 <= args.corruption < 1.0:
         parser.error(f"--corruption {args.corruption}: must lie in [0, 1) (some clean training labels must remain).")
-    counts = ("val_per_class", "hypersteps", "inner_steps", "hidden", *(("n_train",) if args.n_train else ()))
+    counts = ("val_per_class", "hypersteps", "inner_steps", "hidden")
+    counts += ("n_train",) if args.n_train is not None else ()  # None: the whole training split
     recipe_common.require(parser, args, counts, ("inner_lr", "outer_lr", "weight_decay"))
     if not (math.isfinite(args.cg_damping) and args.cg_damping >= 0):
         parser.error(f"--cg-damping {args.cg_damping}: must be a finite number >= 0.")

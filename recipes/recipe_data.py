@@ -70,7 +70,7 @@ def read_idx(path: str | Path) -> np.ndarray:
             shape = struct.unpack(f">{ndim}I", sizes)
             dtype = np.dtype(_IDX_DTYPES[header[2]])
             raw = f.read()
-    except (EOFError, OSError, zlib.error) as err:  # gzip raises these for cut or damaged streams
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:  # gzip raises these for cut or damaged streams
         raise ValueError(f"{path}: truncated or corrupt file ({type(err).__name__}: {err}).") from None
     expected = int(np.prod(shape))
     if len(raw) != expected * dtype.itemsize:

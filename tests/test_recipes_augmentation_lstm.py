@@ -249,6 +249,8 @@ def test_dropout_lstm_resume_is_exact(lstm_runs):
         ("dropout_lstm", ["--quick", "--steps", "3", "--inner-steps", "5"], "--steps"),
         ("dropout_lstm", ["--quick", "--overfit-damping", "-1"], "--overfit-damping"),
         ("dropout_lstm", ["--quick", "--overfit-hlr", "0"], "--overfit-hlr"),
+        ("dropout_lstm", ["--quick", "--overfit-hlr", "inf"], "--overfit-hlr inf"),
+        ("dropout_lstm", ["--quick", "--overfit-damping", "inf"], "--overfit-damping inf"),
     ],
 )
 def test_bad_flags_raise_clear_errors(module, argv, match):

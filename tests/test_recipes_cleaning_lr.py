@@ -135,6 +135,7 @@ def test_cleaning_bad_flags_are_clear(capsys, tmp_path):
         (["--strategies", "neumann,exact"], "--strategies"),
         (["--corruption", "1.0"], "--corruption 1.0"),
         (["--cg-damping", "-1"], "--cg-damping -1"),
+        (["--n-train", "0"], "--n-train 0"),
         (["--outer-lr", "nan"], "--outer-lr nan"),
         (["--dataset", "mnist"], "--data-dir"),
         (["--dataset", "imagenet"], "--dataset"),
