@@ -44,7 +44,7 @@ class Config:
 
     @classmethod
     def make(cls, mode: str, threads: int, device: str) -> Config:
-        """``mode``: "full", "quick" (< ~2 min) or "tiny" (seconds; for the smoke test only)."""
+        """``mode``: "full", "quick" (~3.5 min) or "tiny" (seconds; for the smoke test only)."""
         large = (784, 1024, 256, 10)  # 1 068 810 params and as many hparams
         mid = (784, 512, 256, 10)  # the MLP of the issue's higher measurement
         common = {"threads": threads, "device": device}
@@ -118,10 +118,6 @@ def _div(a: float, b: float) -> float:
     return a / b if b > 0 else math.nan
 
 
-def _ms(samples: dict[str, list[float]]) -> dict[str, float]:
-    return {k: 1e3 * timing.median(v) for k, v in samples.items()}
-
-
 # ------------------------------------------------------------------------------ 1. overhead
 def overhead(cfg: Config, log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Ours vs the sum of separately timed primitives, per problem; also feeds max_hparams."""
@@ -147,7 +143,7 @@ def overhead(cfg: Config, log: Callable[[str], None]) -> tuple[dict[str, Any], d
                 k: 1e3 * v
                 for k, v in cases.Primitives.limits({k: timing.median(v) for k, v in samples.items()}, K - 1).items()
             },
-            "ms": _ms(samples),
+            "ms": timing.ms(samples),
         }
     worst = max(max(r["neumann"], r["cg"]) for r in rows.values())
     largest = max(rows, key=lambda k: rows[k]["params"])
@@ -200,7 +196,7 @@ def torchopt_ratio(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
         K=K,
         ratios=ratios,
         rel_diff=diffs,
-        ms=_ms(samples),
+        ms=timing.ms(samples),
     )
 
 
@@ -282,7 +278,7 @@ def time_to_accuracy(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
                 found[family] = {"config": label, "cosine": cos}
                 break
     samples = timing.interleaved(winners, cfg.rounds, cfg.min_time) if winners else {}
-    ms = _ms(samples)
+    ms = timing.ms(samples)
     for family, t in ms.items():
         found[family]["ms"] = t
     ours_keys = [k for k in winners if k.startswith("ours")]
@@ -341,7 +337,7 @@ def unroll_vs_higher(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
             "autograd_time_ratio": timing.ratio(samples, lambda t: t["autograd"], lambda t: t["higher"]),
             "autograd_memory_ratio": _div(mem["autograd"], mem["higher"]),
             "rel_diff_vs_higher": diff,
-            "ms": _ms(samples),
+            "ms": timing.ms(samples),
             "peak_mib": mem,
         }
     both = [v for r in rows.values() for v in (r["time_ratio"], r["memory_ratio"])]
@@ -415,7 +411,7 @@ def step_overhead_ratio(cfg: Config, log: Callable[[str], None]) -> dict[str, An
             "ratio": ratio,
             "goal": goal,
             "met": None if goal is None else ratio <= goal,
-            "ms_per_step": {k: v / n for k, v in _ms(samples).items()},
+            "ms_per_step": {k: v / n for k, v in timing.ms(samples).items()},
         }
     value = max(r["ratio"] for r in rows.values())
     met = [r["met"] for r in rows.values() if r["met"] is not None]
@@ -453,8 +449,8 @@ def algorithm1_vs_handwritten(cfg: Config, log: Callable[[str], None]) -> dict[s
         problem=problems.spec(problem),
         hyperstep_ratio=hyper_ratio,
         rel_diff_of_first_hparam=diff,
-        ms=_ms(samples),
-        hyperstep_ms=_ms(hyper_samples),
+        ms=timing.ms(samples),
+        hyperstep_ms=timing.ms(hyper_samples),
     )
 
 
@@ -467,6 +463,7 @@ def betty_ratio(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
 
         version = metadata.version("betty-ml")
         fns = {"ours": baselines.ours_digits(**shape), "betty": baselines.betty_digits(**shape)}
+        fns["betty"]()  # one run here: a Betty that imports but fails to run must not end the whole benchmark
     except Exception as error:  # the peer is optional
         log(f"Betty unusable ({error!r})")
         return record(math.nan, "Betty time / ours", None, None, peer=f"unusable: {error!r}")
@@ -479,7 +476,7 @@ def betty_ratio(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
         "≥ 1.0",
         value >= 1.0,
         task=shape,
-        ms=_ms(samples),
+        ms=timing.ms(samples),
     )
 
 
@@ -494,7 +491,7 @@ def bn_dropout_overhead(cfg: Config, log: Callable[[str], None]) -> dict[str, An
     for name, module in (("without state", plain_cnn), ("BatchNorm + dropout", bn_cnn)):
         fns = baselines.module_cases(module, data, n)
         samples = timing.interleaved(fns, cfg.rounds, cfg.min_time)
-        ms = {k: 1e3 * timing.median(v) for k, v in samples.items()}
+        ms = timing.ms(samples)
         rows[name] = {
             "ratio": timing.ratio(samples, lambda t: t["ours"], lambda t: t["plain"]),
             "extra_forward_passes": (ms["ours"] - ms["plain"]) / n / ms["forward"],
@@ -530,7 +527,7 @@ def hvp_modes(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
         None,
         problem=problems.spec(problem),
         ratio_to_reverse=ratios,
-        ms=_ms(samples),
+        ms=timing.ms(samples),
         rel_diff_to_reverse={k: cases.rel_diff(g, grads["reverse"]) for k, g in grads.items()},
     )
 
@@ -552,7 +549,7 @@ def bilevel_vs_plain_training(cfg: Config, log: Callable[[str], None]) -> dict[s
         "a few (paper)",
         None,
         problem=problems.spec(problem),
-        ms=_ms(samples),
+        ms=timing.ms(samples),
     )
 
 

@@ -52,3 +52,8 @@ def ratio(
         row = {k: v[r] for k, v in samples.items()}
         per_round.append(num(row) / den(row))
     return median(per_round)
+
+
+def ms(samples: dict[str, list[float]]) -> dict[str, float]:
+    """The median of each case's samples, in milliseconds."""
+    return {k: 1e3 * median(v) for k, v in samples.items()}
