@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,34 +31,67 @@ from bilevel import _tree
 
 @dataclasses.dataclass(frozen=True)
 class MicroBatches:
-    """Mark a batch as a list of micro-batches whose losses, gradients and HVPs are averaged.
+    r"""Mark a batch as a list of micro-batches whose losses, gradients and HVPs are averaged.
 
-    Pass it wherever a ``train_batch`` or ``val_batch`` goes. The result equals using the
-    concatenated batch when the losses are means and the micro-batches have equal sizes, while
-    peak memory is that of one micro-batch (Hessian-vector products are then recomputed per
-    micro-batch instead of reusing one linearisation).
+    Pass it wherever a ``train_batch`` or ``val_batch`` goes. Peak memory is that of one micro-batch
+    (Hessian-vector products are then recomputed per micro-batch instead of reusing one
+    linearisation). Every loss, gradient and product is the weighted mean over micro-batches,
 
     $$
-    \\nabla L = \\frac{1}{k}\\sum_{i=1}^k \\nabla L(\\cdot\\,; b_i), \\qquad
-    Hv = \\frac{1}{k}\\sum_{i=1}^k H(b_i)\\, v
+    \nabla L = \sum_{i=1}^k \omega_i\, \nabla L(\cdot\,; b_i), \qquad
+    Hv = \sum_{i=1}^k \omega_i\, H(b_i)\, v, \qquad \omega_i = \frac{n_i}{\sum_j n_j},
     $$
+
+    with ``weights`` \(n_i\) (equal by default). For losses that are means over examples, the result
+    equals the concatenated batch exactly when \(n_i\) is micro-batch i's number of examples. So
+    micro-batches of different shapes are refused unless ``weights`` says how to weight them: an equal
+    average of a 48-example mean and a 2-example mean would count each example of the small one 24×.
 
     Args:
         batches: the micro-batches (a non-empty sequence of whatever your losses accept).
+        weights: each micro-batch's share (e.g. its number of examples, for losses that are means);
+            ``None`` weights them equally and requires the tensors of every micro-batch to have the
+            same shapes.
 
     Example:
         >>> import torch, bilevel
-        >>> X, y = torch.randn(8, 2), torch.randn(8)
-        >>> bilevel.MicroBatches([(X[:4], y[:4]), (X[4:], y[4:])]).size
+        >>> X, y = torch.randn(50, 2), torch.randn(50)
+        >>> bilevel.MicroBatches([(X[:25], y[:25]), (X[25:], y[25:])]).size
         2
+        >>> pieces = list(zip(X.split(48), y.split(48)))  # 48 + 2 examples
+        >>> bilevel.MicroBatches(pieces, weights=[len(p[1]) for p in pieces]).weights
+        (48.0, 2.0)
     """
 
     batches: Sequence[Any]
+    weights: Sequence[float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.batches, (str, bytes)) or not isinstance(self.batches, Sequence) or not self.batches:
             raise ValueError(f"`MicroBatches(batches={self.batches!r})`: batches must be a non-empty list of batches.")
         object.__setattr__(self, "batches", tuple(self.batches))
+        if self.weights is not None:
+            weights = self.weights
+            ok = isinstance(weights, Sequence) and not isinstance(weights, (str, bytes))
+            ok = ok and len(weights) == len(self.batches)
+            ok = ok and all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in weights)
+            ok = ok and all(math.isfinite(float(x)) and float(x) > 0 for x in weights)
+            if not ok:
+                raise ValueError(
+                    f"`MicroBatches(weights={weights!r})`: weights must be {len(self.batches)} finite numbers > 0, "
+                    f"one per micro-batch (e.g. its number of examples)."
+                )
+            object.__setattr__(self, "weights", tuple(float(x) for x in weights))
+            return
+        shapes = [[tuple(t.shape) for t in _tree.batch_tensors(piece)] for piece in self.batches]
+        odd = next((i for i, s in enumerate(shapes) if s != shapes[0]), None)
+        if odd is not None:
+            raise ValueError(
+                f"MicroBatches: micro-batch {odd} has tensors of shapes {shapes[odd]}, micro-batch 0 {shapes[0]}. "
+                f"Their equal average would not be the mean over the whole batch (each example of a smaller "
+                f"micro-batch would count more). Split into equal sizes, or pass weights=[...] with each "
+                f"micro-batch's number of examples (for losses that are means over examples)."
+            )
 
     @property
     def size(self) -> int:
@@ -67,6 +102,28 @@ class MicroBatches:
 def parts(batch: Any) -> tuple[Any, ...]:
     """The micro-batches of ``batch`` (a single batch is one part)."""
     return tuple(batch.batches) if isinstance(batch, MicroBatches) else (batch,)
+
+
+def coefficients(batch: Any) -> tuple[tuple[float, ...], float]:
+    """How to average per-micro-batch results: the mean is ``scale · Σ_i coefficient_i · value_i``.
+
+    Equal micro-batches sum with coefficient 1 and scale by 1/k at the end; weighted ones by ωᵢ, scale 1.
+    """
+    pieces = parts(batch)
+    weights = batch.weights if isinstance(batch, MicroBatches) else None
+    if weights is None:
+        return (1.0,) * len(pieces), 1.0 / len(pieces)
+    norm = sum(weights)
+    return tuple(w / norm for w in weights), 1.0
+
+
+def average(batch: Any, values: Sequence[list[Tensor]]) -> list[Tensor]:
+    """The weighted mean (see :func:`coefficients`) of per-micro-batch tensor lists, one per part of ``batch``."""
+    coefs, scale = coefficients(batch)
+    total = _tree.scale(values[0], coefs[0]) if coefs[0] != 1.0 else list(values[0])
+    for coef, value in zip(coefs[1:], values[1:]):
+        _tree.add_(total, value, coef)
+    return total if scale == 1.0 else _tree.scale(total, scale)
 
 
 @dataclasses.dataclass(frozen=True)

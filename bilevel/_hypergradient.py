@@ -23,9 +23,9 @@ import torch
 from torch import Tensor
 
 from bilevel import _linalg, _random, _tree
-from bilevel._distributed import DataParallel, parts
-from bilevel._hvp import ReverseHVP
-from bilevel._problem import Loss, Problem
+from bilevel._distributed import DataParallel, coefficients, parts
+from bilevel._hvp import ReverseHVP, explained
+from bilevel._problem import Loss, Problem, second_order
 from bilevel._strategies import (
     STRATEGIES,
     ConjugateGradient,
@@ -58,9 +58,12 @@ class HypergradInfo:
         grad_norm: ‖dL_V/dλ‖, the Euclidean norm of the whole hypergradient (for progress bars
             and divergence checks; NaN/inf when the hypergradient is non-finite).
         residual: ‖(H + δI)x − ∂L_V/∂w‖ of the linear solve, or ``None`` where there is no solve
-            (``Unroll``) or it was not requested (Neumann/Identity: pass ``residual=True``;
+            (``Unroll``) or it was not requested (Neumann/Identity/Nyström: pass ``residual=True``;
             costs one HVP). For CG it is by default the residual carried by the CG recursion (free,
             but in float32 it can fall below the true residual); ``residual=True`` recomputes it.
+        relative_residual: ``residual`` / ‖∂L_V/∂w‖, wherever ``residual`` is known: 1 is what x = 0
+            achieves, so a value above 1 means the solve made things worse than no solve at all (the
+            hypergradient is then refused: see ``failure``).
         iterations: CG iterations used (CG only).
         converged: whether CG met its tolerance (CG only).
         alpha: the Neumann step size used (resolved when ``alpha="auto"``).
@@ -77,8 +80,10 @@ class HypergradInfo:
         solution: the solve's x ≈ (H + δI)⁻¹ ∂L_V/∂w, shaped like ``params`` (IFT strategies): pass it
             as ``init=`` to warm-start the next call's ``ConjugateGradient`` or ``Neumann``.
         failure: why the hypergradient could not be computed (its entries are then NaN), e.g. a
-            singular Hessian for ``Exact`` or a zero Hessian for ``alpha="auto"``; ``None`` when it
-            was.
+            singular Hessian for ``Exact``, a zero Hessian for ``alpha="auto"``, or a solve that ended
+            worse than no solve (``relative_residual`` > 1); ``None`` when it was.
+        notes: things that went differently from the plan without changing the numbers, e.g. batched
+            Hessian-vector products that PyTorch could not vectorise and that were taken one by one.
 
     Example:
         >>> import torch, bilevel
@@ -107,6 +112,8 @@ class HypergradInfo:
     growth: Tensor | None = None
     diverging: Tensor | None = None
     failure: str | None = None
+    relative_residual: Tensor | None = None
+    notes: tuple[str, ...] = ()
 
 
 def check_unroll_distributed(strategy: Strategy, distributed: Any) -> None:
@@ -214,6 +221,9 @@ def hypergradient(
     problem, w, h, s = Problem.create(
         train_loss, val_loss, params, hparams, state=state, autocast=autocast, distributed=distributed
     )
+    # Private copies: a loss that writes into its inputs (caught and refused in Problem.evaluate) can then
+    # never change the caller's tensors. One params-sized copy, small beside any hypergradient.
+    w, h = tuple(t.clone() for t in w), tuple(t.clone() for t in h)
     base = _random.draw() if seed is None else _check_seed(seed)
     seeds = Seeds(_random.derive(base, _random.TRAIN), _random.derive(base, _random.VAL))
     if isinstance(strategy, Unroll):
@@ -238,6 +248,8 @@ def hypergradient(
         )
     if info.failure is not None:
         warnings.warn(f"hypergradient: {info.failure}", RuntimeWarning, stacklevel=2)
+    for note in info.notes:
+        warnings.warn(f"hypergradient: {note}", RuntimeWarning, stacklevel=2)
     return problem.hparams(grads), info
 
 
@@ -348,9 +360,10 @@ def ift_hypergradient(
     elif isinstance(strategy, Nystrom):
         sketch = _nystrom_sketch(strategy, w, seeds.train)
         columns = op.hvp_batched(_tree.unravel_batched(sketch, w))  # C = HΩ: k products, one call
-        flat_c = torch.cat([c.reshape(c.shape[0], -1) for c in columns], dim=1)
+        flat_c = _tree.ravel_batched(columns, sketch.dtype)
         try:
-            flat_x = _linalg.nystrom_solve(sketch, flat_c, _tree.ravel(gw), strategy.damping)
+            b = _tree.ravel([t.to(sketch.dtype) for t in gw])
+            flat_x = _linalg.nystrom_solve(sketch, flat_c, b, strategy.damping)
         except torch.linalg.LinAlgError as err:
             failure = (
                 f"Nystrom(rank={strategy.rank}): the k×k Woodbury system is singular ({err}); raise damping or "
@@ -362,10 +375,10 @@ def ift_hypergradient(
             hx = _tree.add(op.hvp(x), x, strategy.damping)
             extra["residual"] = _tree.norm(_tree.add(hx, gw, -1.0))
     else:  # Exact
-        hessian = problem.dense_hessian(train_batch, w, h, s, seeds.train)
-        op.hvps += hessian.shape[0]
+        hessian = dense_hessian(op, w)
+        b = _tree.ravel([t.to(hessian.dtype) for t in gw])
         try:
-            flat_x, extra["residual"] = _linalg.dense_solve(hessian, _tree.ravel(gw), strategy.damping)
+            flat_x, extra["residual"] = _linalg.dense_solve(hessian, b, strategy.damping)
         except torch.linalg.LinAlgError as err:
             failure = (
                 f"Exact(damping={strategy.damping}): the training Hessian (+ damping) is singular ({err}). "
@@ -374,11 +387,52 @@ def ift_hypergradient(
             return _failed(h, name, op.hvps, val, failure, extra)
         x = _tree.unravel(flat_x, w)
 
+    notes = tuple(op.notes)
+    if "residual" in extra:
+        b_norm = _tree.norm(gw)
+        extra["relative_residual"] = torch.where(b_norm > 0, extra["residual"] / b_norm, extra["residual"] * 0)
+        ratio = float(extra["relative_residual"])
+        if ratio > 1:  # x is further from the solution than x = 0 is (in the residual norm)
+            failure = (
+                f"the linear solve ended worse than no solve: relative residual ‖(H + δI)x − ∂L_V/∂w‖ / ‖∂L_V/∂w‖ = "
+                f"{ratio:.3g} > 1, where x = 0 has 1, so the hypergradient would be wrong. Usual causes: a "
+                f"training Hessian that is not positive definite here (the weights are not near a minimum of "
+                f"train_loss), or products too inexact for the iterations run (bf16 autocast, finite "
+                f"differences). Remedies: damping (e.g. ConjugateGradient(damping=...)), more inner steps "
+                f"before each hyperstep, fewer iterations; bilevel.check_derivatives(...) measures the curvature "
+                f"and the products."
+            )
+            return _failed(h, name, op.hvps, val, failure, extra, notes)
     grads = _tree.add(gh, op.mixed_vjp(x), -1.0)
     info = HypergradInfo(
-        strategy=name, hvps=op.hvps, val_loss=val, grad_norm=_tree.norm(grads), solution=problem.params(x), **extra
+        strategy=name,
+        hvps=op.hvps,
+        val_loss=val,
+        grad_norm=_tree.norm(grads),
+        solution=problem.params(x),
+        notes=notes,
+        **extra,
     )
     return grads, info
+
+
+def dense_hessian(op: Any, w: Leaves) -> Tensor:
+    """∂²L_T/∂w∂wᵀ as a dense P×P matrix over the concatenated params (in the widest params dtype), from
+    batched double-backward products with the unit vectors (``op.hvp_batched``; counts P HVPs).
+
+    Not ``torch.func.hessian`` / ``jacfwd(jacrev(·))``: in torch 2.13 those nested transforms give wrong
+    second derivatives through train-mode batch_norm, layer_norm and instance_norm with respect to
+    weights before the layer (pytorch#198017, #196699, #196700: 20–73 % off, with no error). Products of
+    plain double backward are right there, and averaging over micro-batches and ranks comes with the
+    operator.
+    """
+    size, dtype = sum(t.numel() for t in w), _tree.widest_dtype(w)
+    like = torch.empty((), dtype=dtype, device=w[0].device)
+
+    def products(rows: Tensor) -> Tensor:
+        return _tree.ravel_batched(op.hvp_batched(_tree.unravel_batched(rows, w)), dtype)
+
+    return _linalg.dense_matrix(products, size, like, chunk=max(1, min(256, 2**22 // size)))
 
 
 def _nystrom_sketch(strategy: Nystrom, w: Leaves, seed: int | None) -> Tensor:
@@ -386,7 +440,7 @@ def _nystrom_sketch(strategy: Nystrom, w: Leaves, seed: int | None) -> Tensor:
     size = sum(t.numel() for t in w)
     if strategy.rank > size:
         raise ValueError(f"`Nystrom(rank={strategy.rank})`: rank must be at most the number of parameters ({size}).")
-    device, dtype = w[0].device, w[0].dtype
+    device, dtype = w[0].device, _tree.widest_dtype(w)
     gen = torch.Generator(device=device).manual_seed(0 if seed is None else seed)
     if strategy.sketch == "gaussian":
         return torch.randn(strategy.rank, size, generator=gen, device=device, dtype=dtype)
@@ -397,11 +451,12 @@ def _nystrom_sketch(strategy: Nystrom, w: Leaves, seed: int | None) -> Tensor:
 
 
 def _failed(
-    h: Leaves, name: str, hvps: int, val: Tensor, failure: str, extra: dict[str, Any]
+    h: Leaves, name: str, hvps: int, val: Tensor, failure: str, extra: dict[str, Any], notes: tuple[str, ...] = ()
 ) -> tuple[list[Tensor], HypergradInfo]:
     grads = [torch.full_like(t, math.nan) for t in h]
     nan = torch.full_like(val, math.nan)
-    return grads, HypergradInfo(strategy=name, hvps=hvps, val_loss=val, grad_norm=nan, failure=failure, **extra)
+    info = HypergradInfo(strategy=name, hvps=hvps, val_loss=val, grad_norm=nan, failure=failure, notes=notes, **extra)
+    return grads, info
 
 
 @dataclasses.dataclass(frozen=True)
@@ -440,15 +495,16 @@ def unrolled_hypergradient(
 
     def mean_over_parts(loss: Loss, batch: Any, s: Leaves, seed: int | None) -> tuple[Tensor, Leaves]:
         total, state = None, s
-        pieces = parts(batch)
-        for piece in pieces:
+        coefs, scale = coefficients(batch)
+        for piece, coef in zip(parts(batch), coefs):
             value, state = problem.evaluate(loss, piece, ww, hh, state if loss is problem.train_loss else s, seed)
+            value = value if coef == 1.0 else coef * value
             total = value if total is None else total + value
         assert total is not None
-        return total / len(pieces), state
+        return total * scale if scale != 1.0 else total, state
 
     model_state: Leaves = ()
-    with torch.enable_grad():
+    with torch.enable_grad(), second_order(), explained("Unroll (backpropagation through the inner updates)"):
         hh = tuple(t.detach().requires_grad_() for t in h)
         ww = tuple(t.detach().requires_grad_() for t in w)
         for step in steps:

@@ -19,11 +19,13 @@ from torch.func import functional_call
 class FunctionalModule:
     r"""A pure-function view of an ``nn.Module``: ``fm(params, state, *inputs) -> (output, new_state)``.
 
-    - ``params``: a dict name → detached copy of every parameter with ``requires_grad=True``. Frozen
-      parameters (``requires_grad=False``) are not in it: they are held inside as constants (the
-      module's own tensors, not copies) and never optimised.
+    - ``params``: a dict name → detached copy of every parameter with ``requires_grad=True``, taken at
+      construction. Frozen parameters (``requires_grad=False``) are not in it: every call reads them
+      from the module itself (so they follow ``module.load_state_dict()``), as constants that are never
+      optimised.
     - ``state``: a dict name → copy of every buffer (BatchNorm's ``running_mean``, ``running_var``,
-      ``num_batches_tracked``, ...).
+      ``num_batches_tracked``, ...), taken at construction. Buffers the forward updates in place or by
+      reassignment (``self.ema = 0.9 * self.ema + 0.1 * x``) both come back in ``new_state``.
 
     ``fm(params, state, *inputs, train=True, **kwargs)`` runs the module's forward in train mode
     (BatchNorm normalises with batch statistics and the updated running statistics come back in
@@ -37,9 +39,12 @@ class FunctionalModule:
     generator is seeded so that every evaluation belonging to one derivative sees the same masks.
 
     Args:
-        module: the model. Its parameters and buffers are copied at construction; later changes to
-            the module do not reach ``params``/``state`` (use [`write_back`][bilevel.FunctionalModule.write_back]
-            for the other direction).
+        module: the model. Its trainable parameters and buffers are copied at construction; later changes
+            to them in the module do not reach ``params``/``state`` (use
+            [`write_back`][bilevel.FunctionalModule.write_back] for the other direction). Convert the module
+            (``.double()``, ``.to(device)``) *before* wrapping it: a call after a conversion raises
+            ``ValueError``. Layers whose forward writes into their own weights are refused
+            (``nn.Embedding(max_norm=...)``), and so is a forward that changes a parameter in place.
 
     Example:
         >>> import torch, bilevel
@@ -57,11 +62,15 @@ class FunctionalModule:
     def __init__(self, module: nn.Module) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"`FunctionalModule(module)` needs a torch.nn.Module, got {type(module).__name__}.")
+        _refuse_in_place_forward(module)
         self.module = module
         named = dict(module.named_parameters())
         self.params: dict[str, Tensor] = {n: p.detach().clone() for n, p in named.items() if p.requires_grad}
-        self._frozen: dict[str, Tensor] = {n: p.detach() for n, p in named.items() if not p.requires_grad}
+        # Frozen parameters are read from the module at every call (where they live: (submodule, attribute)),
+        # so that they follow net.load_state_dict() and a replaced nn.Parameter.
+        self._frozen = {n: _owner(module, n) for n, p in named.items() if not p.requires_grad}
         self.state: dict[str, Tensor] = {n: b.detach().clone() for n, b in module.named_buffers()}
+        self._layout = {n: (t.dtype, t.device) for n, t in (*named.items(), *module.named_buffers())}
         self._modules = list(module.modules())
 
     def __call__(
@@ -72,24 +81,48 @@ class FunctionalModule:
             raise TypeError(f"`train={train!r}`: must be True (train mode) or False (eval mode).")
         self._check(params, self.params, "params")
         self._check(state, self.state, "state")
+        frozen: dict[str, Tensor] = {n: owner._parameters[attr] for n, (owner, attr) in self._frozen.items()}  # type: ignore[misc]
+        self._check_layout(frozen)
         # Train mode updates buffers in place: give it fresh copies, which become the new state.
         # (Copies made here, inside any torch.func transform, are the transform's own tensors.)
         buffers = {n: b.clone() for n, b in state.items()} if train else state
-        versions = None if train else [b._version for b in state.values()]
+        weights = (*params.values(), *frozen.values())
+        versions = [t._version for t in weights], None if train else [b._version for b in state.values()]
+        tensors = {**frozen, **params, **buffers}
         modes = [m.training for m in self._modules]
         try:
             for m in self._modules:
                 m.training = train
-            out = functional_call(self.module, {**self._frozen, **params, **buffers}, inputs, kwargs)
+            # functional_call writes tensors the forward *reassigned* (self.ema = 0.9 * self.ema + ...) back
+            # into the dict it was given, so new buffers are read from `tensors`, not only from `buffers`.
+            out = functional_call(self.module, tensors, inputs, kwargs)
         finally:
             for m, mode in zip(self._modules, modes):
                 m.training = mode
-        if versions is not None and versions != [b._version for b in state.values()]:
+        if versions[0] != [t._version for t in weights]:
             raise RuntimeError(
-                "FunctionalModule: the module changed a buffer in place in eval mode (train=False), which would "
-                "mutate `state`; call it with train=True so that buffer updates go to a fresh new_state."
+                "FunctionalModule: the module's forward changed a parameter in place, which would change the "
+                "caller's tensors and every derivative taken from them. Parameters must only be read in forward."
             )
-        return out, buffers
+        if train:
+            return out, {n: tensors[n] for n in state}
+        if versions[1] != [b._version for b in state.values()] or any(tensors[n] is not state[n] for n in state):
+            raise RuntimeError(
+                "FunctionalModule: the module changed a buffer in eval mode (train=False), in place or by "
+                "reassignment, which would mutate `state` or be lost; call it with train=True so that buffer "
+                "updates go to a fresh new_state."
+            )
+        return out, state
+
+    def _check_layout(self, frozen: dict[str, Tensor]) -> None:
+        for name, t in frozen.items():
+            if (t.dtype, t.device) != self._layout[name]:
+                dtype, device = self._layout[name]
+                raise ValueError(
+                    f"FunctionalModule: the module's frozen parameter {name!r} is now {t.dtype} on {t.device}, but "
+                    f"it was {dtype} on {device} when FunctionalModule(module) copied fm.params and fm.state. The "
+                    f"module was converted (.double(), .to(...)) afterwards: build FunctionalModule(module) again."
+                )
 
     def write_back(self, params: dict[str, Tensor], state: dict[str, Tensor]) -> None:
         """Copy ``params`` and ``state`` into the wrapped module's parameters and buffers, in place.
@@ -112,4 +145,23 @@ class FunctionalModule:
             got = sorted(given) if isinstance(given, dict) else type(given).__name__
             raise ValueError(
                 f"FunctionalModule: `{name}` must be a dict with the keys of fm.{name} ({sorted(expected)}), got {got}."
+            )
+
+
+def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The submodule holding parameter ``name`` ("block.0.weight") and its attribute name."""
+    path, _, attr = name.rpartition(".")
+    return (module.get_submodule(path) if path else module), attr
+
+
+def _refuse_in_place_forward(module: nn.Module) -> None:
+    """Refuse layers whose forward writes into their own weights (there would be no pure function)."""
+    for name, sub in module.named_modules():
+        if isinstance(sub, (nn.Embedding, nn.EmbeddingBag)) and sub.max_norm is not None:
+            where = f"`{name}`" if name else "the module"
+            raise ValueError(
+                f"FunctionalModule: {where} is {type(sub).__name__}(max_norm={sub.max_norm}), which renormalises "
+                f"its weight in place inside forward: the caller's params would change under every evaluation and "
+                f"derivative. Build it with max_norm=None and, if you need the constraint, apply it in the loss "
+                f"(e.g. scale the looked-up rows by (max_norm / row_norm).clamp(max=1))."
             )

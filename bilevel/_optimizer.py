@@ -7,9 +7,11 @@ whole; the functional core it calls holds none. Checkpoints are ``_checkpoint``'
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import numbers
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import optree
@@ -19,7 +21,7 @@ from torch import Tensor
 
 from bilevel import _random, _tree
 from bilevel._checkpoint import Record, RunState, from_dict, to_dict
-from bilevel._distributed import DataParallel, MicroBatches, parts
+from bilevel._distributed import DataParallel
 from bilevel._hypergradient import (
     HypergradInfo,
     Seeds,
@@ -43,8 +45,9 @@ class NonFiniteError(FloatingPointError):
     not be computed (``info.failure``: a singular Hessian for ``Exact``, a zero Hessian for
     ``alpha="auto"``) or its Neumann series diverged (``info.diverging``). The exception is
     raised before anything changes: weights, hyperparameters, both optimiser states, the model
-    state and every counter keep their values from before the failing update. (A ``step()`` whose
-    hyperstep fails has already applied its inner update, as it would without strict mode.)
+    state and every counter keep their values from before the call — as after any exception inside
+    ``step()``, which is all or nothing (a ``step()`` whose hyperstep fails keeps no part of its inner
+    update either).
 
     Example:
         >>> import torch, bilevel
@@ -283,19 +286,35 @@ class BilevelOptimizer:
         The outer update uses ``val_batch`` for L_V and ``train_batch`` for the Hessian and mixed
         terms. ``val_batch`` is not touched on the other calls.
         """
-        loss, applied = self._inner(train_batch)
-        if self._run.steps % self.inner_steps:
-            return StepResult(loss, applied)
-        info, outer_applied = self._outer(train_batch, val_batch)
-        return StepResult(loss, applied, info, outer_applied)
+        with self._atomic():
+            loss, applied = self._inner(train_batch)
+            if self._run.steps % self.inner_steps:
+                return StepResult(loss, applied)
+            info, outer_applied = self._outer(train_batch, val_batch, scheduled=True)
+            return StepResult(loss, applied, info, outer_applied)
 
     def inner_step(self, train_batch: Any) -> Tensor:
         """One inner update of the weights; returns the training loss before it (0-dim tensor)."""
-        return self._inner(train_batch)[0]
+        with self._atomic():
+            return self._inner(train_batch)[0]
 
     def outer_step(self, train_batch: Any, val_batch: Any) -> HypergradInfo:
         """One outer update of the hyperparameters at the current weights; returns its info."""
-        return self._outer(train_batch, val_batch)[0]
+        with self._atomic():
+            return self._outer(train_batch, val_batch)[0]
+
+    @contextlib.contextmanager
+    def _atomic(self) -> Iterator[None]:
+        """All of a call or nothing: on any exception (a bug in a loss, an out-of-memory error,
+        KeyboardInterrupt, NonFiniteError) the optimiser is put back exactly as before the call, so that
+        retrying the call continues bitwise like an uninterrupted run. The run state is immutable and
+        replaced as a whole, so restoring it is one assignment."""
+        run, warned = self._run, dict(self._warned)
+        try:
+            yield
+        except BaseException:
+            self._run, self._warned = run, warned
+            raise
 
     def _flattened(self, run: RunState) -> RunState:
         """``run`` with its weights living in one vector when the inner update is flat (see Transformation)."""
@@ -356,7 +375,7 @@ class BilevelOptimizer:
         if applied:
             window = run.window
             if self._window_size:  # Unroll: remember where the update started, on a private copy of the batch
-                record = Record(run.w, run.inner_state, run.inner_started, _copy_batch(batch), run.s, run.steps)
+                record = Record(run.w, run.inner_state, run.inner_started, _tree.copy_batch(batch), run.s, run.steps)
                 window = (*window, record)[-self._window_size :]
             self._run = run.replace(
                 w=w, w_flat=vector, s=s, inner_state=state, inner_started=True, steps=run.steps + 1, window=window
@@ -393,7 +412,7 @@ class BilevelOptimizer:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     def _hypergradient(
-        self, train_batch: Any, val_batch: Any, *, reuse_alpha: bool = True
+        self, train_batch: Any, val_batch: Any, *, reuse_alpha: bool = True, scheduled: bool = False
     ) -> tuple[list[Tensor], HypergradInfo, bool]:
         """The hypergradient at the current state; also whether a cached Neumann α was used."""
         run, strategy = self._run, self.strategy
@@ -403,10 +422,17 @@ class BilevelOptimizer:
         )
         if isinstance(strategy, Unroll):
             if len(run.window) < strategy.steps:
-                raise ValueError(
-                    f"`Unroll(steps={strategy.steps})` needs {strategy.steps} applied inner steps since the last "
-                    f"hyperstep to differentiate through; only {len(run.window)} were taken."
+                needs = (
+                    f"Unroll(steps={strategy.steps}) needs {strategy.steps} applied inner steps since the last "
+                    f"hyperstep to differentiate through; only {len(run.window)} were applied"
                 )
+                if not scheduled:
+                    raise ValueError(f"`{needs}`.")
+                failure = (
+                    f"{needs} (the others were skipped as non-finite). Use inner_steps > steps to leave room for "
+                    f"skipped inner steps."
+                )
+                return *_unavailable(run.h, "unroll", failure), False
             first = run.window[0]
             steps = [
                 UnrollStep(r.inner_started, r.batch, r.s, _random.derive(run.seed, _random.INNER, r.step))
@@ -426,11 +452,14 @@ class BilevelOptimizer:
         )
         return grads, info, cached
 
-    def _outer(self, train_batch: Any, val_batch: Any) -> tuple[HypergradInfo, bool]:
+    def _outer(self, train_batch: Any, val_batch: Any, *, scheduled: bool = False) -> tuple[HypergradInfo, bool]:
+        """The hyperstep. ``scheduled``: called by ``step()`` after its ``inner_steps`` inner steps, so an
+        Unroll window shorter than the strategy's steps can only come from skipped (non-finite) inner
+        steps and is a counted skip; an explicit ``outer_step()`` too early is a usage error."""
         if self._device_select:
             self._report_inner_skips()
         run = self._run
-        grads, info, cached = self._hypergradient(train_batch, val_batch)
+        grads, info, cached = self._hypergradient(train_batch, val_batch, scheduled=scheduled)
         h, state = self.outer.apply(grads, run.outer_state, run.h, started=run.outer_started)
         trouble = _trouble(self.strategy, info, [*grads, *h, *float_leaves(state)])
         if trouble is not None and cached:
@@ -565,8 +594,8 @@ def _select(ok: Tensor, new: Leaves, old: Leaves) -> Leaves:
     return tuple(torch.where(ok, a, b) for a, b in zip(new, old))
 
 
-def _copy_batch(batch: Any) -> Any:
-    """A private copy of a batch's tensors (other leaves by reference): the caller may refill its buffers."""
-    if isinstance(batch, MicroBatches):
-        return MicroBatches([_copy_batch(piece) for piece in parts(batch)])
-    return optree.tree_map(lambda t: t.detach().clone() if isinstance(t, Tensor) else t, batch)
+def _unavailable(h: Leaves, name: str, failure: str) -> tuple[list[Tensor], HypergradInfo]:
+    """A hypergradient that could not even be attempted: NaN entries and the reason."""
+    nan = torch.full((), float("nan"), dtype=h[0].dtype, device=h[0].device)
+    info = HypergradInfo(strategy=name, hvps=0, val_loss=nan, grad_norm=nan, failure=failure)
+    return [torch.full_like(t, float("nan")) for t in h], info

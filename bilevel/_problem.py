@@ -7,8 +7,9 @@ over micro-batches and over data-parallel ranks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import optree
@@ -16,13 +17,35 @@ import torch
 from torch import Tensor
 
 from bilevel import _random, _tree
-from bilevel._distributed import DataParallel, parts
-from bilevel._hvp import HVP, MeanOperator, ReducedOperator, _Operator
+from bilevel._distributed import DataParallel, coefficients, parts
+from bilevel._hvp import HVP, FiniteDifferenceHVP, MeanOperator, ReducedOperator, _Operator
 from bilevel._tree import Flat, Leaves
 
 Loss = Callable[..., Any]  # (params, hparams, batch[, state]) -> scalar or (scalar, new_state)
 
 _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16)
+
+try:  # torch >= 2.3
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def _math_attention() -> contextlib.AbstractContextManager[None]:
+        return sdpa_kernel([SDPBackend.MATH])
+except ImportError:  # older torch: its fused attention kernels are chosen the same way, but cannot be ruled out here
+    _math_attention = contextlib.nullcontext
+
+
+@contextlib.contextmanager
+def second_order() -> Iterator[None]:
+    """Evaluate a loss that will be differentiated twice (HVPs, Exact's columns, Unroll's replay).
+
+    ``F.scaled_dot_product_attention`` (inside ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``)
+    dispatches to fused flash / memory-efficient kernels whose backward has no derivative of its own in
+    torch 2.13 ("derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+    implemented") and no forward-mode AD. Its math kernel computes the same function with ordinary ops,
+    which have both; it is selected only here, so inner steps keep the fused kernels.
+    """
+    with _math_attention():
+        yield
 
 
 def _checked(loss: Any, name: str, stateful: bool) -> Callable[..., Any]:
@@ -133,6 +156,7 @@ class Problem:
         args = [_tree.unflatten(self.params_spec, w), _tree.unflatten(self.hparams_spec, h), batch]
         if self.state_spec is not None:
             args.append(_tree.unflatten(self.state_spec, s))
+        versions = [t._version for t in (*w, *h)]
         with _random.replay(seed, self.device):
             if self.autocast is None:
                 value, new_state = loss(*args)
@@ -141,9 +165,23 @@ class Problem:
                     value, new_state = loss(*args)
                 # The solve runs in the params' precision; only the loss evaluation is in low precision.
                 value = value.float() if value.dtype in _AUTOCAST_DTYPES else value
+        if versions != [t._version for t in (*w, *h)]:
+            self._mutated(loss, w, h, versions)
         if self.state_spec is None:
             return value, s
         return value, self._new_state(loss, new_state, s)
+
+    def _mutated(self, loss: Callable[..., Any], w: Leaves, h: Leaves, versions: list[int]) -> None:
+        name = "train_loss" if loss is self.train_loss else "val_loss"
+        changed = [i for i, t in enumerate((*w, *h)) if t._version != versions[i]]
+        what = ", ".join(f"params leaf {i}" if i < len(w) else f"hparams leaf {i - len(w)}" for i in changed)
+        raise RuntimeError(
+            f"`{name}` changed its inputs in place ({what}): the library differentiates pure functions of "
+            f"(params, hparams), and an in-place write corrupts the weights it is given (and every "
+            f"derivative taken from them). A common cause is nn.Embedding(max_norm=...), which renormalises "
+            f"its weight inside forward; renormalise in the loss instead (w / w.norm(dim=1, keepdim=True)"
+            f".clamp_min(1 / max_norm) ...), or drop max_norm."
+        )
 
     def _new_state(self, loss: Callable[..., Any], new_state: Any, s: Leaves) -> Leaves:
         name = "train_loss" if loss is self.train_loss else "val_loss"
@@ -159,11 +197,17 @@ class Problem:
         return tuple(t.detach() for t in leaves)
 
     def on(
-        self, loss: Callable[..., Any], batch: Any, s: Leaves, seed: int | None
+        self, loss: Callable[..., Any], batch: Any, s: Leaves, seed: int | None, *, twice: bool = True
     ) -> Callable[[Leaves, Leaves], Tensor]:
         """``loss`` as a function of (param leaves, hparam leaves) alone: batch, model state and random
-        numbers fixed, so that every evaluation — each HVP, each finite difference — is the same function."""
-        return lambda w, h: self.evaluate(loss, batch, w, h, s, seed)[0]
+        numbers fixed, so that every evaluation — each HVP, each finite difference — is the same function.
+        ``twice``: it will be differentiated twice (see :func:`second_order`)."""
+
+        def f(w: Leaves, h: Leaves) -> Tensor:
+            with second_order() if twice else contextlib.nullcontext():
+                return self.evaluate(loss, batch, w, h, s, seed)[0]
+
+        return f
 
     def seed_for(self, seed: int | None) -> int | None:
         """Under DataParallel every rank draws its own random numbers (its own dropout masks)."""
@@ -205,6 +249,7 @@ class Problem:
         """
         self.check_shards(batch, "train_batch" if loss is self.train_loss else "val_batch")
         pieces, seed = parts(batch), self.seed_for(seed)
+        coefs, scale = coefficients(batch)
         total: list[Tensor] = []
         value: Tensor | None = None
         state = s
@@ -212,19 +257,21 @@ class Problem:
             inputs = tuple(tuple(t.detach().requires_grad_() for t in leaves) for leaves in (w, h))
             wanted = [t for i in argnums for t in inputs[i]]
             params = inputs[0] if flat is None else flat.split(inputs[0][0])
-            for piece in pieces:
+            for piece, coef in zip(pieces, coefs):
                 out, new_state = self.evaluate(loss, piece, params, inputs[1], state if chain_state else s, seed)
                 state = new_state
                 found = torch.autograd.grad(out, wanted, allow_unused=True)
                 grads = [torch.zeros_like(t) if g is None else g for g, t in zip(found, wanted)]
-                if value is None:
+                if value is None and coef == 1.0:
                     total, value = grads, out.detach()
+                elif value is None:
+                    total, value = _tree.scale(grads, coef), coef * out.detach()
                 else:
-                    _tree.add_(total, grads)
-                    value = value + out.detach()
+                    _tree.add_(total, grads, coef)
+                    value = value + coef * out.detach()
         assert value is not None  # parts() is never empty
-        if len(pieces) > 1:
-            total, value = _tree.scale(total, 1.0 / len(pieces)), value / len(pieces)
+        if scale != 1.0:
+            total, value = _tree.scale(total, scale), value * scale
         if self.parallel is not None:
             floating = [i for i, t in enumerate(state) if t.is_floating_point()] if chain_state else []
             reduced = self.parallel.mean([*total, value, *(state[i] for i in floating)])
@@ -245,30 +292,13 @@ class Problem:
         """The training loss's HVP / mixed-product operator, averaged like :meth:`value_and_grad`."""
         self.check_shards(batch, "train_batch")
         pieces, seed = parts(batch), self.seed_for(seed)
-        ops = [hvp.build(self.on(self.train_loss, piece, s, seed), w, h, retain=len(pieces) == 1) for piece in pieces]
-        op = ops[0] if len(ops) == 1 else MeanOperator(ops)
+        twice = not isinstance(hvp, FiniteDifferenceHVP)  # finite differences need first derivatives only
+        dtype = self.autocast or w[0].dtype
+        retain = len(pieces) == 1
+        losses = [self.on(self.train_loss, piece, s, seed, twice=twice) for piece in pieces]
+        ops = [hvp.build(loss, w, h, retain=retain, eval_dtype=dtype) for loss in losses]
+        op = ops[0] if len(ops) == 1 else MeanOperator(ops, coefficients(batch))
         return op if self.parallel is None else ReducedOperator(op, self.parallel)
-
-    def dense_hessian(self, batch: Any, w: Leaves, h: Leaves, s: Leaves = (), seed: int | None = None) -> Tensor:
-        """∂²L_T/∂w∂wᵀ as a dense matrix over the concatenated params, averaged like the rest.
-
-        ``jacfwd(jacrev(·), randomness="same")``: the replayed seed fixes the random numbers, and
-        "same" lets the vmap over Hessian columns draw them (``torch.func.hessian`` refuses to).
-        """
-        flat_w = _tree.ravel(w)
-        total: Tensor | None = None
-        pieces, seed = parts(batch), self.seed_for(seed)
-        for piece in pieces:
-            train_f = self.on(self.train_loss, piece, s, seed)
-
-            def on_flat(flat: Tensor, train_f: Callable[[Leaves, Leaves], Tensor] = train_f) -> Tensor:
-                return train_f(tuple(_tree.unravel(flat, w)), h)
-
-            hessian = torch.func.jacfwd(torch.func.jacrev(on_flat), randomness="same")(flat_w)
-            total = hessian if total is None else total + hessian
-        assert total is not None
-        total = total / len(pieces)
-        return total if self.parallel is None else self.parallel.mean([total])[0]
 
     def params(self, w: Sequence[Tensor]) -> Any:
         return _tree.unflatten(self.params_spec, w)

@@ -8,7 +8,10 @@ leaves.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+import dataclasses
+from collections import UserDict
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import optree
@@ -118,9 +121,23 @@ def unravel(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
 
 
 def unravel_batched(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
-    """Rows of a (k × P) matrix as k stacked trees: leaves of shape (k, *leaf.shape)."""
+    """Rows of a (k × P) matrix as k stacked trees: leaves of shape (k, *leaf.shape), each in its leaf's dtype."""
     sizes = [t.numel() for t in like]
-    return [piece.reshape(flat.shape[0], *t.shape) for piece, t in zip(torch.split(flat, sizes, dim=1), like)]
+    pieces = torch.split(flat, sizes, dim=1)
+    return [piece.reshape(flat.shape[0], *t.shape).to(t.dtype) for piece, t in zip(pieces, like)]
+
+
+def ravel_batched(stacked: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """Inverse of :func:`unravel_batched`: k stacked trees as the rows of a (k × P) matrix of ``dtype``."""
+    return torch.cat([t.reshape(t.shape[0], -1).to(dtype) for t in stacked], dim=1)
+
+
+def widest_dtype(x: Sequence[Tensor]) -> torch.dtype:
+    """The floating dtype all of ``x`` can be represented in (float64 for float32 + float64 leaves)."""
+    dtype = x[0].dtype
+    for t in x[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 class Flat:
@@ -148,3 +165,85 @@ class Flat:
     def split(self, flat: Tensor) -> Leaves:
         """Views of ``flat`` shaped like the leaves (differentiable; no copy)."""
         return tuple(piece.view(shape) for piece, shape in zip(torch.split(flat, self.sizes), self.shapes))
+
+
+# ------------------------------------------------------------------------------------ batches
+# A batch is whatever the user's losses accept: tensors in tuples, dicts and named tuples, but also
+# dataclasses, ``Mapping``/``UserDict`` objects (transformers' ``BatchEncoding``) and plain objects with
+# tensor attributes, which optree treats as leaves. The two walks below reach tensors in all of them.
+
+_ATOMS = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)
+
+
+def _children(obj: Any) -> Iterator[Any]:
+    """The objects directly inside a batch container (nothing for tensors and atoms)."""
+    if isinstance(obj, (Tensor, *_ATOMS)) or isinstance(obj, type):
+        return
+    if isinstance(obj, Mapping):
+        yield from obj.values()
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        yield from obj
+    elif dataclasses.is_dataclass(obj):
+        for field in dataclasses.fields(obj):
+            yield getattr(obj, field.name)
+    if hasattr(obj, "__dict__") and not isinstance(obj, (list, tuple, dict)):
+        yield from vars(obj).values()
+
+
+def batch_tensors(batch: Any) -> list[Tensor]:
+    """Every tensor inside ``batch``, in a deterministic order, each once (cycles are followed once)."""
+    found: list[Tensor] = []
+    seen: set[int] = set()
+
+    def walk(obj: Any) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, Tensor):
+            found.append(obj)
+            return
+        for child in _children(obj):
+            walk(child)
+
+    walk(batch)
+    return found
+
+
+def copy_batch(batch: Any) -> Any:
+    """A copy of ``batch`` whose tensors are private clones (detached) and whose containers are new, so
+    that the caller may refill its buffers in place; other leaves (strings, numbers, tokenisers) are
+    shared. Containers are rebuilt by type: pytrees through optree, ``Mapping``s (``UserDict`` and
+    ``BatchEncoding`` included) and objects with attributes (dataclasses included) through a shallow
+    ``copy.copy`` whose entries are then replaced."""
+    memo: dict[int, Any] = {}
+
+    def clone(obj: Any) -> Any:
+        if id(obj) in memo:
+            return memo[id(obj)]
+        out = _clone(obj, clone)
+        memo[id(obj)] = out
+        return out
+
+    return clone(batch)
+
+
+def _clone(obj: Any, clone: Callable[[Any], Any]) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, _ATOMS) or isinstance(obj, type) or not batch_tensors(obj):
+        return obj  # nothing inside to protect
+    if type(obj) in (list, tuple, set, frozenset):
+        return type(obj)(clone(x) for x in obj)
+    if isinstance(obj, tuple) and hasattr(type(obj), "_fields"):  # a named tuple
+        return type(obj)(*(clone(x) for x in obj))
+    if type(obj) is dict:
+        return {key: clone(value) for key, value in obj.items()}
+    new = copy.copy(obj)  # a new container of the same type: UserDict (with a new .data), dataclass, object
+    if isinstance(obj, MutableMapping):
+        for key, value in obj.items():
+            new[key] = clone(value)
+    if hasattr(new, "__dict__"):
+        for name, value in vars(obj).items():
+            if not (isinstance(obj, UserDict) and name == "data"):  # already rebuilt through new[key]
+                object.__setattr__(new, name, clone(value))
+    return new

@@ -1,8 +1,9 @@
 """Real nn.Module models: FunctionalModule, model state (BatchNorm) and replayed randomness (dropout).
 
 Truth comes from outside the code under test: a dense implicit-function-theorem hypergradient built
-with torch.func.hessian / jacrev on the flattened weights, the module's own eval-mode forward, and
-straight runs compared bitwise with interrupted ones.
+by double backward on the flattened weights and checked against finite differences
+(tests/model_truth.py), the module's own eval-mode forward, and straight runs compared bitwise with
+interrupted ones.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torchopt
 from torch import nn
 
 import bilevel
+from tests.model_truth import dense_truth, flatten, unflatten
 
 
 def _digits(n: int = 96):
@@ -27,15 +29,17 @@ def _digits(n: int = 96):
 
 
 class SmallCNN(nn.Module):
-    def __init__(self, dropout: float = 0.0):
+    def __init__(self, dropout: float = 0.0, smooth: bool = False):
         super().__init__()
         self.conv = nn.Conv2d(1, 4, 3)
         self.bn = nn.BatchNorm2d(4)
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(4 * 3 * 3, 10)
+        self.smooth = smooth  # tanh and average pooling: no kinks for finite differences to straddle
 
     def forward(self, x):
-        x = F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
+        x = self.bn(self.conv(x))
+        x = F.avg_pool2d(torch.tanh(x), 2) if self.smooth else F.max_pool2d(F.relu(x), 2)
         return self.head(self.drop(x.flatten(1)))
 
 
@@ -150,29 +154,29 @@ def test_batchnorm_cnn_trains_and_only_inner_steps_move_the_running_statistics()
 # ------------------------------------------------------------- hypergradient through BatchNorm
 
 
-def _dense_ift(fm, params, hparams, state, train, val):
-    """dL_V/dλ = ∂L_V/∂λ − Mᵀ H⁻¹ ∂L_V/∂w from dense matrices over the flattened weights."""
-    names = list(params)
-    sizes = [params[k].numel() for k in names]
-    flat_w = torch.cat([params[k].reshape(-1) for k in names])
-    flat_h = torch.cat([hparams[k].reshape(-1) for k in names])
+@pytest.fixture(scope="module")
+def batchnorm_case():
+    """A BatchNorm CNN with every layer trainable (the convolution before the norm is the case nested
+    transforms get wrong) and its IFT hypergradient from dense double-backward matrices (checked
+    against finite differences by tests/model_truth.py)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(1)
+        fm = bilevel.FunctionalModule(SmallCNN(smooth=True).double())
+        x, y = _digits(64)
+        train, val = (x[:32], y[:32]), (x[32:], y[32:])
+        hparams = _hparams(fm, value=0.5)  # decay e^{0.5}: a positive definite Hessian (smallest eigenvalue > 0.5)
+        train_loss, val_loss = _losses(fm)
+        state = fm(fm.params, fm.state, x)[1]  # some non-trivial running statistics for L_V
 
-    def unflat(flat):
-        return {k: p.view_as(params[k]) for k, p in zip(names, flat.split(sizes))}
+        def flat(loss, batch):
+            return lambda w, h: loss(unflatten(w, fm.params), unflatten(h, hparams), batch, state)[0]
 
-    def l_t(w, h):
-        (x, y), p, hp = train, unflat(w), unflat(h)
-        logits, _ = fm(p, state, x)
-        return F.cross_entropy(logits, y) + 0.5 * _decay(p, hp)
-
-    def l_v(w):
-        x, y = val
-        return F.cross_entropy(fm(unflat(w), state, x, train=False)[0], y)
-
-    H = torch.func.hessian(l_t, argnums=0)(flat_w, flat_h)
-    M = torch.func.jacrev(torch.func.grad(l_t, argnums=0), argnums=1)(flat_w, flat_h)  # ∂²L_T/∂w∂λᵀ
-    v = torch.func.grad(l_v)(flat_w)
-    return -M.T @ torch.linalg.solve(H, v), H
+        truth = dense_truth(flat(train_loss, train), flat(val_loss, val), flatten(fm.params), flatten(hparams))
+        yield (train_loss, val_loss, fm.params, hparams, train, val), state, truth
+    finally:
+        torch.set_default_dtype(previous)
 
 
 @pytest.mark.parametrize(
@@ -184,24 +188,13 @@ def _dense_ift(fm, params, hparams, state, train, val):
     ],
     ids=["exact", "cg", "neumann"],
 )
-def test_hypergradient_through_train_mode_batchnorm_matches_a_dense_ift(strategy, tol):
-    torch.manual_seed(1)
-    net = SmallCNN().double()
-    net.conv.requires_grad_(False)  # keep the dense Hessian small (BN affine + head: 378 weights)
-    fm = bilevel.FunctionalModule(net)
-    x, y = _digits(96)
-    train, val = (x[:64], y[:64]), (x[64:], y[64:])
-    hparams = _hparams(fm, value=0.5)  # decay e^{0.5}: a positive definite Hessian (smallest eigenvalue > 0.5)
-    train_loss, val_loss = _losses(fm)
-    state = fm(fm.params, fm.state, x)[1]  # some non-trivial running statistics for L_V
-    expected, H = _dense_ift(fm, fm.params, hparams, state, train, val)
-    assert float(torch.linalg.eigvalsh(H)[0]) > 0.5
-    grads, info = bilevel.hypergradient(
-        train_loss, val_loss, fm.params, hparams, train, val, strategy=strategy, state=state
-    )
-    got = torch.cat([grads[k].reshape(-1) for k in fm.params])
+def test_hypergradient_through_train_mode_batchnorm_matches_a_dense_ift(batchnorm_case, strategy, tol):
+    problem, state, truth = batchnorm_case
+    assert float(torch.linalg.eigvalsh(truth.H)[0]) > 0.5
+    grads, info = bilevel.hypergradient(*problem, strategy=strategy, state=state)
+    expected = truth.hypergradient()
     assert info.failure is None
-    torch.testing.assert_close(got, expected, rtol=0, atol=tol * float(expected.abs().max()))
+    torch.testing.assert_close(flatten(grads), expected, rtol=0, atol=tol * float(expected.abs().max()))
 
 
 # -------------------------------------------------------------------------------------- dropout
@@ -254,13 +247,14 @@ def test_every_hvp_mode_sees_the_same_dropout_masks(solver):
 def test_hypergradient_consumes_one_global_draw_and_is_reproducible_with_a_seed():
     *problem, train, val = _dropout_problem()
     torch.manual_seed(123)
-    first, _ = bilevel.hypergradient(*problem, train, val, strategy=bilevel.ConjugateGradient(10))
+    cg = bilevel.ConjugateGradient(10, damping=1.0)  # a random point: the Hessian is indefinite
+    first, _ = bilevel.hypergradient(*problem, train, val, strategy=cg)
     after_one_call = torch.rand(())
     torch.manual_seed(123)
     torch.randint(0, 2**62, ())  # exactly one draw
     assert torch.equal(torch.rand(()), after_one_call)
     torch.manual_seed(123)
-    again, _ = bilevel.hypergradient(*problem, train, val, strategy=bilevel.ConjugateGradient(10))
+    again, _ = bilevel.hypergradient(*problem, train, val, strategy=cg)
     assert torch.equal(first["log_decay"], again["log_decay"])
 
 
@@ -340,7 +334,9 @@ def test_a_seeded_run_is_reproducible_whatever_the_global_generator_does():
 # ------------------------------------------------------------------------------ bitwise resume
 
 
-@pytest.mark.parametrize("strategy", [bilevel.Unroll(steps=3), bilevel.ConjugateGradient(maxiter=5)], ids=str)
+@pytest.mark.parametrize(
+    "strategy", [bilevel.Unroll(steps=3), bilevel.ConjugateGradient(maxiter=5, damping=1.0)], ids=str
+)
 def test_resume_with_batchnorm_and_dropout_is_bitwise_mid_window(strategy):
     x, y = _digits(96)
     train, val = (x[:64], y[:64]), (x[64:], y[64:])

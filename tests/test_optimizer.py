@@ -247,9 +247,9 @@ def test_strict_mode_raises_and_leaves_state_unchanged():
     before = {"w": before["params"][0].clone(), "h": before["hparams"][0].clone()}
     with pytest.raises(bilevel.NonFiniteError, match="hyperstep 1: non-finite"):
         opt.step(*problem.batches)
-    # The call's inner update happened; the hyperstep did not, and nothing of it was recorded.
-    assert torch.equal(opt.hparams["log_l2"], before["h"]) and not torch.equal(opt.params["w"], before["w"])
-    assert (opt.steps, opt.hypersteps, opt.skipped_outer_steps) == (2, 0, 0)
+    # step() is all or nothing: neither the hyperstep nor the call's inner update was kept.
+    assert torch.equal(opt.hparams["log_l2"], before["h"]) and torch.equal(opt.params["w"], before["w"])
+    assert (opt.steps, opt.hypersteps, opt.skipped_outer_steps) == (1, 0, 0)
 
 
 def test_strict_mode_inner_failure_changes_nothing():

@@ -431,3 +431,104 @@ def test_non_finite_error_leaves_everything_as_documented():
     with pytest.raises(bilevel.NonFiniteError, match="inner step 2"):
         opt.step((train[0], train[1], float("inf")), val)
     assert _same_state(opt.state_dict(), before)
+
+
+# ------------------------------------------------- "right on every model": solves, atomic steps, Unroll skips
+
+
+def _saddle(p, h, batch):
+    """L_T = ½ wᵀ diag(e^λ₀, −e^λ₁) w: a saddle, H = diag(1, −1) at λ = 0."""
+    return 0.5 * (h["h"][0].exp() * p["w"][0] ** 2 - h["h"][1].exp() * p["w"][1] ** 2)
+
+
+def _distance(p, h, batch):  # L_V = ½‖w − t‖², so b = ∂L_V/∂w = w − t
+    return 0.5 * ((p["w"] - batch) ** 2).sum()
+
+
+def _saddle_point():  # params, hparams, train batch, val batch; b = (1, 0.9)
+    return {"w": torch.tensor([1.0, 0.9])}, {"h": torch.zeros(2)}, None, torch.zeros(2)
+
+
+def test_a_solve_worse_than_no_solve_is_refused_with_its_relative_residual():
+    """One CG step on H = diag(1, −1), b = (1, 0.9): x = (bᵀb / bᵀHb) b = 9.53 b, so r = b − Hx =
+    (1 − 9.53, 0.9 + 9.53 · 0.9) and ‖r‖/‖b‖ = 9.47 — further from H⁻¹b than x = 0."""
+    params, hparams, train, val = _saddle_point()
+    b = torch.tensor([1.0, 0.9])
+    step = float(b @ b / (b @ torch.tensor([1.0, -0.9])))
+    r = b - step * torch.tensor([1.0, -0.9])
+    expected = float(r.norm() / b.norm())
+    with pytest.warns(RuntimeWarning, match=r"worse than no solve: relative residual .* = 9.47 > 1.*damping"):
+        grads, info = bilevel.hypergradient(
+            _saddle, _distance, params, hparams, train, val, bilevel.ConjugateGradient(1)
+        )
+    assert torch.isnan(grads["h"]).all() and abs(float(info.relative_residual) - expected) < 1e-12
+    # an exact solve of the same system is fine: the IFT holds at a saddle, and its residual is 0
+    _, exact = bilevel.hypergradient(_saddle, _distance, params, hparams, train, val, bilevel.Exact())
+    assert exact.failure is None and float(exact.relative_residual) < 1e-15
+
+
+def test_an_optimiser_skips_and_counts_solves_worse_than_none_and_strict_refuses_them():
+    params, hparams, train, val = _saddle_point()
+    opt = bilevel.BilevelOptimizer(_saddle, _distance, params, hparams, strategy=bilevel.ConjugateGradient(1))
+    with pytest.warns(RuntimeWarning, match=r"hyperstep 1 skipped: the linear solve ended worse than no solve"):
+        info = opt.outer_step(train, val)
+    assert info.failure is not None and opt.skipped_outer_steps == 1 and torch.equal(opt.hparams["h"], torch.zeros(2))
+    strict = bilevel.BilevelOptimizer(
+        _saddle, _distance, params, hparams, strategy=bilevel.ConjugateGradient(1), strict=True
+    )
+    before = _roundtrip(strict.state_dict())
+    with pytest.raises(bilevel.NonFiniteError, match="worse than no solve"):
+        strict.outer_step(train, val)
+    assert _same_state(strict.state_dict(), before)
+
+
+class _Interrupt(BaseException):
+    """Stands for KeyboardInterrupt (not caught by `except Exception`)."""
+
+
+@pytest.mark.parametrize("where", ["val_loss", "hvp", "inner"])
+def test_an_exception_anywhere_in_step_changes_nothing_and_a_retry_continues_bitwise(where):
+    train, val = _data()
+    calls = {"n": 0, "armed": False}
+
+    def flaky_train(p, h, batch):
+        if calls["armed"] and where in ("hvp", "inner"):
+            calls["n"] += 1
+            if where == "inner" or calls["n"] == 2:  # inner: the inner step's own evaluation; hvp: the hyperstep's
+                raise _Interrupt
+        return train_loss(p, h, batch)
+
+    def flaky_val(p, h, batch):
+        if calls["armed"] and where == "val_loss":
+            raise _Interrupt
+        return val_loss(p, h, batch)
+
+    straight, interrupted = (make(losses=(flaky_train, flaky_val), inner=torchopt.adam(0.05)) for _ in range(2))
+    for _ in range(5):
+        straight.step(train, val)
+    for _ in range(2):
+        interrupted.step(train, val)
+    before = _roundtrip(interrupted.state_dict())
+    calls["armed"] = True
+    with pytest.raises(_Interrupt):
+        interrupted.step(train, val)  # step 3: inner update, then the hyperstep
+    calls["armed"] = False
+    assert _same_state(interrupted.state_dict(), before)
+    for _ in range(3):  # the retried call and the rest
+        interrupted.step(train, val)
+    assert _same_state(interrupted.state_dict(), straight.state_dict())
+
+
+def test_unroll_after_a_skipped_inner_step_is_a_counted_skip_not_a_crash():
+    """Unroll(K) with inner_steps=K (the learning-rates recipe's setting) after one non-finite inner step."""
+    train, val = _data()
+    opt = make(strategy=bilevel.Unroll(steps=3), inner_steps=3)
+    with pytest.warns(RuntimeWarning, match="inner update"):
+        opt.step((train[0], train[1], float("inf")), val)  # skipped: non-finite
+    opt.step(train, val)
+    with pytest.warns(RuntimeWarning, match=r"hyperstep 1 skipped: Unroll\(steps=3\) needs 3 applied .* only 2"):
+        result = opt.step(train, val)
+    assert result.outer_applied is False and (opt.hypersteps, opt.skipped_outer_steps) == (1, 1)
+    for _ in range(3):  # the next window is complete again
+        result = opt.step(train, val)
+    assert result.outer_applied and opt.skipped_outer_steps == 1
