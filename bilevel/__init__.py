@@ -4,8 +4,9 @@ Implements Lorraine, Vicol & Duvenaud (2020), "Optimizing Millions of Hyperparam
 Implicit Differentiation", on torch.func and torchopt.
 """
 
+from bilevel._check import DerivativeCheck, check_derivatives
 from bilevel._distributed import DataParallel, MicroBatches
-from bilevel._hvp import HVP, FiniteDifferenceHVP, ForwardOverReverseHVP, ReverseHVP
+from bilevel._hvp import HVP, DerivativeError, FiniteDifferenceHVP, ForwardOverReverseHVP, ReverseHVP
 from bilevel._hypergradient import HypergradInfo, hypergradient
 from bilevel._module import FunctionalModule
 from bilevel._optimizer import BilevelOptimizer, NonFiniteError, StepResult
@@ -16,6 +17,8 @@ __all__ = [
     "BilevelOptimizer",
     "ConjugateGradient",
     "DataParallel",
+    "DerivativeCheck",
+    "DerivativeError",
     "Exact",
     "FiniteDifferenceHVP",
     "ForwardOverReverseHVP",
@@ -30,6 +33,7 @@ __all__ = [
     "StepResult",
     "Strategy",
     "Unroll",
+    "check_derivatives",
     "hypergradient",
 ]
 

@@ -31,8 +31,29 @@ from bilevel._tree import Leaves
 LeafLoss = Callable[[Leaves, Leaves], Tensor]
 
 
-class SecondOrderError(RuntimeError):
-    """PyTorch could not take a derivative that a strategy needs; the message says what works instead."""
+class DerivativeError(RuntimeError):
+    """The derivatives a hypergradient needs are missing or wrong: PyTorch could not take one (the
+    message says which configuration works instead), or, with ``BilevelOptimizer(check=True,
+    strict=True)``, [`check_derivatives`][bilevel.check_derivatives] found a problem (then ``check``
+    holds its [`DerivativeCheck`][bilevel.DerivativeCheck]).
+
+    Example:
+        >>> import torch, bilevel
+        >>> def loss(p, h, b):  # torch.cdist's exact path has no double backward
+        ...     d = torch.cdist(b, p["c"], compute_mode="donot_use_mm_for_euclid_dist")
+        ...     return d.sum() + (h["l"].exp() * p["c"] ** 2).sum()
+        >>> params, hparams = {"c": torch.randn(2, 3)}, {"l": torch.zeros(())}
+        >>> try:
+        ...     bilevel.hypergradient(loss, loss, params, hparams, torch.randn(4, 3), torch.randn(4, 3),
+        ...                           strategy=bilevel.ConjugateGradient(maxiter=2))
+        ... except bilevel.DerivativeError as error:
+        ...     print("FiniteDifferenceHVP" in str(error))
+        True
+    """
+
+    def __init__(self, message: str, check: Any = None) -> None:
+        super().__init__(message)
+        self.check = check
 
 
 # PyTorch's own messages for the second derivatives it cannot take, and what each means for the user.
@@ -45,10 +66,10 @@ _KNOWN_FAILURES = (
 )
 
 
-def explain(err: BaseException, what: str) -> SecondOrderError | None:
-    """A :class:`SecondOrderError` for one of PyTorch's known second-derivative failures (``what`` names
+def explain(err: BaseException, what: str) -> DerivativeError | None:
+    """A :class:`DerivativeError` for one of PyTorch's known second-derivative failures (``what`` names
     the computation that needed it), or ``None`` for any other error."""
-    if isinstance(err, SecondOrderError) or not isinstance(err, (RuntimeError, NotImplementedError)):
+    if isinstance(err, DerivativeError) or not isinstance(err, (RuntimeError, NotImplementedError)):
         return None
     text = str(err)
     kind = next((k for pattern, k in _KNOWN_FAILURES if pattern in text), None)
@@ -79,12 +100,12 @@ def explain(err: BaseException, what: str) -> SecondOrderError | None:
             f"{what}: forward-over-reverse differentiation hit a PyTorch bug (PyTorch said: {detail}; known "
             f"through F.mse_loss). Use the default hvp=bilevel.ReverseHVP() or {fd}."
         )
-    return SecondOrderError(message)
+    return DerivativeError(message)
 
 
 @contextlib.contextmanager
 def explained(what: str) -> Iterator[None]:
-    """Re-raise PyTorch's known second-derivative failures inside the block as :class:`SecondOrderError`."""
+    """Re-raise PyTorch's known second-derivative failures inside the block as :class:`DerivativeError`."""
     try:
         yield
     except (RuntimeError, NotImplementedError) as err:

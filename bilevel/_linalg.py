@@ -187,16 +187,36 @@ def nystrom_solve(sketch: Tensor, columns: Tensor, v: Tensor, damping: float) ->
     return ((v - columns.T @ coefficients) / damping).to(dtype)
 
 
-def dense_matrix(batched_matvec: Callable[[Tensor], Tensor], size: int, like: Tensor, chunk: int = 256) -> Tensor:
-    """The P×P matrix of a symmetric operator from products with the unit vectors, ``chunk`` at a time.
+def lanczos(matvec: MatVec, start: Sequence[Tensor], steps: int) -> Tensor:
+    r"""The k×k tridiagonal matrix T of ``steps`` Lanczos iterations on a symmetric H from ``start``.
 
-    ``batched_matvec`` maps a (k × P) matrix of vectors (rows) to the (k × P) matrix of their products;
-    row i of the result is H eᵢ, the i-th column of H (= its i-th row for symmetric H).
+    With q₁ = start/‖start‖ and the three-term recurrence β_{j} q_{j+1} = H q_j − α_j q_j − β_{j−1} q_{j−1},
+    T = tridiag(β, α, β) = Qᵀ H Q on the Krylov space K_k(H, start). Its eigenvalues (Ritz values) lie in
+    [λ_min(H), λ_max(H)] and approach the extreme ones first: a negative Ritz value proves that H has
+    a negative eigenvalue. And ‖start‖ · T⁻¹e₁ are the coordinates of CG's k-th iterate for H x = start.
+    Only three vectors are kept (no reorthogonalisation: the extreme Ritz values stay reliable when
+    orthogonality is lost; only duplicates appear). Stops early on an invariant subspace (β = 0).
     """
-    rows = []
-    for start in range(0, size, chunk):
-        k = min(chunk, size - start)
-        eye = torch.zeros(k, size, dtype=like.dtype, device=like.device)
-        eye[torch.arange(k, device=like.device), torch.arange(start, start + k, device=like.device)] = 1.0
-        rows.append(batched_matvec(eye))
-    return torch.cat(rows).T
+    norm = float(_tree.norm(start))
+    q = _tree.scale(start, 1.0 / norm)
+    previous: list[Tensor] | None = None
+    alphas: list[float] = []
+    betas: list[float] = []
+    for j in range(steps):
+        z = matvec(q)
+        alpha = float(_tree.vdot(q, z))
+        alphas.append(alpha)
+        z = _tree.add(z, q, -alpha)
+        if previous is not None:
+            _tree.add_(z, previous, -betas[-1])
+        beta = float(_tree.norm(z))
+        if j == steps - 1 or not math.isfinite(beta) or beta <= 1e-12 * max(abs(alpha), 1e-300):
+            break
+        betas.append(beta)
+        previous, q = q, _tree.scale(z, 1.0 / beta)
+    k = len(alphas)
+    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if k > 1:
+        off = torch.tensor(betas[: k - 1], dtype=torch.float64)
+        T = T + torch.diag(off, 1) + torch.diag(off, -1)
+    return T

@@ -20,8 +20,10 @@ import torchopt
 from torch import Tensor
 
 from bilevel import _random, _tree
+from bilevel._check import DerivativeCheck, run_check
 from bilevel._checkpoint import Record, RunState, from_dict, to_dict
 from bilevel._distributed import DataParallel
+from bilevel._hvp import DerivativeError, ReverseHVP
 from bilevel._hypergradient import (
     HypergradInfo,
     Seeds,
@@ -153,6 +155,11 @@ class BilevelOptimizer:
             running statistics). Both losses then take it as a fourth argument and return
             ``(loss, new_state)``; inner steps replace the state by the training loss's new state,
             hypergradient evaluations never change it (see [`state`][bilevel.BilevelOptimizer.state]).
+        check: run [`check_derivatives`][bilevel.check_derivatives] once, at the first hyperstep (on its
+            batches, at the weights reached by then), and warn with its problems, or raise
+            [`DerivativeError`][bilevel.DerivativeError] with ``strict=True``; the result is kept in
+            [`derivative_check`][bilevel.BilevelOptimizer.derivative_check]. Off by default (it costs
+            about 15 HVPs and 15 gradients, once).
         seed: every random number the losses draw inside ``step()`` (dropout) derives from this seed
             and the step's index — so ``Unroll`` replays the masks each step used and a run resumes
             bitwise — and torch's global generator is left alone. ``None``: drawn once from the
@@ -198,6 +205,7 @@ class BilevelOptimizer:
         autocast: torch.dtype | None = None,
         state: Any = None,
         seed: int | None = None,
+        check: bool = False,
     ) -> None:
         self.strategy = check_strategy(strategy)
         check_unroll_distributed(strategy, distributed)
@@ -211,6 +219,10 @@ class BilevelOptimizer:
         self.outer: Transformation = Transformation(outer, self._problem.hparams_spec, h)
         self.inner_steps: int = int(inner_steps)
         self.strict: bool = strict
+        if not isinstance(check, bool):
+            raise TypeError(f"`check={check!r}`: must be True or False.")
+        self.check: bool = check
+        self._derivative_check: DerivativeCheck | None = None
         self._window_size: int = strategy.steps if isinstance(strategy, Unroll) else 0
         self._run: RunState = self._flattened(
             RunState(
@@ -273,6 +285,11 @@ class BilevelOptimizer:
     def skipped_inner_steps(self) -> int:
         """Inner updates not applied because they were non-finite (reading it syncs the device)."""
         return int(self._run.skipped_inner)
+
+    @property
+    def derivative_check(self) -> DerivativeCheck | None:
+        """What ``check=True`` measured at the first hyperstep (``None`` before it, or without ``check``)."""
+        return self._derivative_check
 
     @property
     def skipped_outer_steps(self) -> int:
@@ -459,6 +476,8 @@ class BilevelOptimizer:
         if self._device_select:
             self._report_inner_skips()
         run = self._run
+        if self.check and run.hypersteps == 0 and self._derivative_check is None:
+            self._first_check(train_batch, val_batch)
         grads, info, cached = self._hypergradient(train_batch, val_batch, scheduled=scheduled)
         h, state = self.outer.apply(grads, run.outer_state, run.h, started=run.outer_started)
         trouble = _trouble(self.strategy, info, [*grads, *h, *float_leaves(state)])
@@ -492,6 +511,18 @@ class BilevelOptimizer:
         self._run = run.replace(h=h, outer_state=state, outer_started=True, solution=solution, **common)
         self._check_sync("hparams after a hyperstep")
         return info, True
+
+    def _first_check(self, train_batch: Any, val_batch: Any) -> None:
+        run, strategy = self._run, self.strategy
+        seeds = Seeds(_random.derive(run.seed, _random.TRAIN, 0), _random.derive(run.seed, _random.VAL, 0))
+        hvp = getattr(strategy, "hvp", None) or ReverseHVP()
+        result = run_check(self._problem, run.w, run.h, run.s, train_batch, val_batch, hvp, strategy, seeds, run.seed)
+        if not result.ok:
+            if self.strict:
+                message = f"check=True at hyperstep 1; nothing was changed (strict mode):\n{result}"
+                raise DerivativeError(message, result)
+            warnings.warn(f"check=True at hyperstep 1 found problems:\n{result}", RuntimeWarning, stacklevel=5)
+        self._derivative_check = result
 
     # ------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -322,7 +322,7 @@ def accuracy(net: Classifier, w: dict, state: dict, x: Tensor, y: Tensor, device
 
 
 def build(
-    method: str, data: dict, cfg: dict, run_seed: int, device: str
+    method: str, data: dict, cfg: dict, run_seed: int, device: str, check: bool = False
 ) -> tuple[Classifier, bilevel.BilevelOptimizer]:
     torch.manual_seed(run_seed)  # same classifier and U-Net initialisation for every method
     channels = data["x"].shape[1]
@@ -338,6 +338,7 @@ def build(
         strategy=strategy_for(method, cfg["alpha"]),
         inner_steps=cfg["inner_steps"],
         seed=run_seed,
+        check=check,
     )
     return net, opt
 
@@ -346,7 +347,7 @@ def run(method: str, restart: int, data: dict, cfg: dict, args: argparse.Namespa
     """Train one classifier (and, unless no_ho, its augmentation); return accuracies and final λ."""
     device = args.device
     run_seed = args.seed + 1000 * restart
-    net, opt = build(method, data, cfg, run_seed, device)
+    net, opt = build(method, data, cfg, run_seed, device, check=args.check)
     gen = torch.Generator().manual_seed(run_seed + 1)  # data order and augmentation noise
     current = ckpt.get("current")
     if current is not None and current["key"] == f"{method}/{restart}":
@@ -373,6 +374,7 @@ def run(method: str, restart: int, data: dict, cfg: dict, args: argparse.Namespa
             common.save_checkpoint(ckpt["path"], _persist(ckpt))
         if stopping:  # like a kill: whatever was not checkpointed is lost
             raise common.Stop
+    common.print_check(opt, f"{method}#{restart}: ")
     w, state = opt.params, opt.state
     return {
         "val_acc": accuracy(net, w, state, data["val_x"], data["val_y"], device),

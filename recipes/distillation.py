@@ -199,6 +199,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         # the same everywhere); the optimiser averages over ranks, so all apply the same update.
         # shard() weights each rank's mean loss by its share, so unequal shards average exactly
         distributed=bilevel.DataParallel(check_shards=False) if args.world > 1 else None,
+        check=args.check,
     )
 
     # All real labelled training data is the validation set; minibatches of it when it is large.
@@ -254,6 +255,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         f"(mean of {args.draws}), on all {len(train_x)} training images {acc_full:.3f}  "
         f"[{time.perf_counter() - started:.0f} s] -> {args.out}"
     )
+    recipe_common.print_check(opt)
     return results
 
 

@@ -420,6 +420,7 @@ def run(
         strategy=bilevel.Neumann(steps=cfg["neumann"], alpha=1e-2, hvp=hvp),
         inner_steps=cfg["overfit_inner_steps"] if phase == "overfit" else cfg["inner_steps"],
         seed=args.seed,  # the losses draw no random numbers (the noise is in the batch); fixed anyway
+        check=args.check,
     )
     log: dict[str, list] = {"val_loss": [], "rates": []}
     current = ckpt.get("current")
@@ -467,6 +468,7 @@ def run(
     if phase == "overfit":
         return {"val_loss": log["val_loss"]}
     final = opt.params
+    common.print_check(opt)
     return {
         "val_ppl": perplexity(final, data["val_ids"], cfg),
         "test_ppl": perplexity(final, data["test_ids"], cfg),

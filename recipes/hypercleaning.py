@@ -231,6 +231,7 @@ def run_bilevel(kind: str, strategy: str, args: argparse.Namespace, data, corrup
         strategy=strategy_for(strategy, args.cg_damping),
         inner_steps=args.inner_steps,
         seed=args.seed,
+        check=args.check,
     )
     every = max(1, args.hypersteps // 50)
     history: dict[str, list] = {"hyperstep": [], "test_acc": [], "val_acc": [], "f1": []}
@@ -264,6 +265,7 @@ def run_bilevel(kind: str, strategy: str, args: argparse.Namespace, data, corrup
         "hvps_per_hyperstep": hvps / args.hypersteps,
         "skipped_hypersteps": opt.skipped_outer_steps,
     }
+    recipe_common.print_check(opt)
     return weights, summary, history
 
 

@@ -319,6 +319,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _run(args, device: torch.device, start: float) -> dict:
     problem = build_problem(args.model, args.hidden, args.decay, device, args.seed)
+    if args.check:  # the derivatives at w*, where every curve of Fig. 3 is computed
+        print(bilevel.check_derivatives(*problem[:6], strategy=bilevel.Exact()), flush=True)
     steps = list(range(1, args.steps + 1))
     with recipe_common.progress(f"Fig. 3 ({args.model})", total=len(steps)) as update:
         curves = accuracy_curves(problem, steps, update)

@@ -219,6 +219,7 @@ def train_tuned(args: argparse.Namespace, data, device: torch.device, update) ->
         strategy=bilevel.Unroll(args.unroll),
         inner_steps=args.unroll,
         seed=args.seed,
+        check=args.check,
     )
     trajectory: dict[str, Any] = {"step": [0], "lr": {n: [args.init_lr] for n in names}}
     trajectory["momentum"] = {n: [args.init_momentum] for n in names}
@@ -239,6 +240,7 @@ def train_tuned(args: argparse.Namespace, data, device: torch.device, update) ->
         curves.maybe(step, opt.params, last=step == args.steps)
     if opt.skipped_outer_steps or opt.skipped_inner_steps:
         print(f"tuned run: {opt.skipped_inner_steps} inner and {opt.skipped_outer_steps} outer steps skipped")
+    recipe_common.print_check(opt)
     return curves.data, trajectory
 
 

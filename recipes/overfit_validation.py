@@ -179,6 +179,7 @@ def run_model(kind: str, args, data, device: torch.device, update) -> tuple[dict
         inner_steps=args.inner_steps,
         # shard() weights each rank's mean loss by its share, so unequal shards average exactly
         distributed=bilevel.DataParallel(check_shards=False) if world > 1 else None,
+        check=args.check,
     )
     hypersteps = args.steps // args.inner_steps
     every = max(1, hypersteps // 100)  # ~100 points per curve
@@ -212,6 +213,7 @@ def run_model(kind: str, args, data, device: torch.device, update) -> tuple[dict
     }
     if opt.skipped_outer_steps and rank == 0:
         print(f"{kind}: {opt.skipped_outer_steps} hyperstep(s) skipped as non-finite")
+    recipe_common.print_check(opt)
     return summary, history
 
 

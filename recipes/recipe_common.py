@@ -32,7 +32,18 @@ def base_parser(name: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--device", default=default_device, help="torch device (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--out", type=Path, default=Path("runs") / name, help=f"output directory (default runs/{name})")
+    parser.add_argument(
+        "--check", action="store_true", help="check the derivatives at the first hyperstep and print the report"
+    )
     return parser
+
+
+def print_check(opt: Any, label: str = "") -> None:
+    """``--check``: print what ``BilevelOptimizer(check=True)`` measured at the first hyperstep (its
+    problems were also warned about when they were found)."""
+    check = getattr(opt, "derivative_check", None)
+    if check is not None:
+        print(f"{label}{check}", flush=True)
 
 
 def require(

@@ -146,6 +146,7 @@ def tune(
         outer=torchopt.rmsprop(args.outer_lr),
         strategy=bilevel.ConjugateGradient(maxiter=20),
         inner_steps=args.inner_steps,
+        check=args.check,
     )
     for _ in range(args.warmup):  # bring w near w*(λ₀) before the first hypergradient
         opt.inner_step(train)
@@ -154,6 +155,7 @@ def tune(
             result = opt.step(train, val)
         decay = opt.hparams["log_decay"].exp()
         update(train=float(result.loss), val=float(result.hyper.val_loss), decay=float(decay.mean()))
+    recipe_common.print_check(opt)
     return opt.params, opt.hparams["log_decay"]
 
 
