@@ -331,3 +331,75 @@ def betty_digits(hypersteps: int, inner: int, neumann_hvps: int, alpha: float, h
         return decays.log[0].detach()
 
     return run
+
+
+class _Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x + self.b2(self.c2(F.relu(self.b1(self.c1(x))))))
+
+
+class DigitsResNet(nn.Module):
+    """The user's model of the "your training loop" report: a 3-block BatchNorm + dropout ResNet on 8×8
+    digits, 26 parameter tensors (stem conv and BN, 3 blocks of 2 convs and 2 BNs, a final BN, a head)."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width)
+        self.blocks = nn.Sequential(*[_Block(width) for _ in range(3)])
+        self.final, self.drop, self.head = nn.BatchNorm1d(width), nn.Dropout(0.2), nn.Linear(width, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.blocks(F.relu(self.bn(self.stem(x))))
+        return self.head(self.drop(self.final(x.mean((2, 3)))))
+
+
+def decay_cases(batch: int, n: int, weight_decay: float = 5e-4) -> dict[str, Callable[[], Any]]:
+    """``n`` inner steps of :class:`DigitsResNet` with one weight decay per tensor: plain PyTorch with
+    ``torch.optim.Adam(weight_decay=wd)``, and BilevelOptimizer with ``bilevel.weight_decay`` (λ = log wd:
+    the same gradient) or the naive hand-written sum, on the same batch of digits."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images[:batch], dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target[:batch])
+    torch.manual_seed(0)
+    module = DigitsResNet()
+    plain = copy.deepcopy(module).train()
+    adam = torch.optim.Adam(plain.parameters(), lr=1e-3, weight_decay=weight_decay, foreach=True)
+
+    def plain_run() -> Tensor:
+        for _ in range(n):
+            loss = F.cross_entropy(plain(x), y)
+            adam.zero_grad(set_to_none=True)
+            loss.backward()
+            adam.step()
+        return loss
+
+    def ours(decay: Callable[[dict, dict], Tensor]) -> Callable[[], Any]:
+        fm = bilevel.FunctionalModule(copy.deepcopy(module))
+
+        def train_loss(params: dict, hparams: dict, b: Any, state: dict) -> Any:
+            logits, state = fm(params, state, b[0])
+            return F.cross_entropy(logits, b[1]) + decay(params, hparams), state
+
+        opt = bilevel.BilevelOptimizer(
+            train_loss, train_loss, fm.params, bilevel.log_decay_like(fm.params, weight_decay), state=fm.state,
+            inner=torchopt.adam(1e-3), inner_steps=10**9, seed=0,
+        )  # fmt: skip
+
+        def run() -> Tensor:
+            for _ in range(n):
+                loss = opt.inner_step((x, y))
+            return loss
+
+        return run
+
+    def naive(params: dict, hparams: dict) -> Tensor:
+        return 0.5 * sum((hparams[k].exp() * p**2).sum() for k, p in params.items())
+
+    return {"plain": plain_run, "ours": ours(bilevel.weight_decay), "ours_naive": ours(naive)}

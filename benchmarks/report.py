@@ -23,6 +23,7 @@ KEYS = (
     "unroll_vs_higher",
     "neumann_mem_ratio",
     "step_overhead_ratio",
+    "decay_step_ratio",
     "algorithm1_vs_handwritten",
     "betty_ratio",
     "bn_dropout_overhead",
@@ -195,6 +196,17 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {row['ratio']:.3f} | {goal} | {_fmt(row['met'])} | {ms['ours']:.3f} | {ms['plain']:.3f} |"
         )
+
+    d = results["decay_step_ratio"]["details"]
+    ms = d["ms_per_step"]
+    lines += [
+        "",
+        "## One weight decay per tensor: bilevel.weight_decay vs torch.optim's weight_decay (26-tensor ResNet)",
+        "",
+        f"Inner step with `bilevel.weight_decay` / plain step with `torch.optim.Adam(weight_decay=...)`: "
+        f"{results['decay_step_ratio']['value']:.3f} ({ms['ours']:.3f} vs {ms['plain']:.3f} ms); with the "
+        f"naive hand-written sum: {d['naive_sum_ratio']:.3f} ({ms['ours_naive']:.3f} ms).",
+    ]
 
     a1 = results["algorithm1_vs_handwritten"]
     lines += [

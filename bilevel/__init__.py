@@ -8,6 +8,7 @@ from bilevel._check import DerivativeCheck, check_derivatives
 from bilevel._distributed import DataParallel, MicroBatches
 from bilevel._hvp import HVP, DerivativeError, FiniteDifferenceHVP, ForwardOverReverseHVP, ReverseHVP
 from bilevel._hypergradient import HypergradInfo, hypergradient
+from bilevel._hyperparams import log_decay_like, weight_decay, weighted_mean
 from bilevel._module import FunctionalModule
 from bilevel._optimizer import BilevelOptimizer, NonFiniteError, StepResult
 from bilevel._strategies import ConjugateGradient, Exact, Identity, Neumann, Nystrom, Strategy, Unroll
@@ -35,6 +36,9 @@ __all__ = [
     "Unroll",
     "check_derivatives",
     "hypergradient",
+    "log_decay_like",
+    "weight_decay",
+    "weighted_mean",
 ]
 
 __version__ = "0.1.0"

@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import optree
 import torch
 from torch import Tensor
 
@@ -40,12 +41,14 @@ from bilevel._transform import Transformation
 from bilevel._tree import Leaves
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class HypergradInfo:
     """What happened while computing one hypergradient.
 
     Tensors are returned as 0-dim tensors on the inputs' device so that reading the record costs
-    no host synchronisation until you ask for a value (``float(info.val_loss)``).
+    no host synchronisation until you ask for a value (``float(info.val_loss)``). ``print(info)``
+    shows the fields that are set, as numbers (no tensor or solution dumps);
+    [`to_dict`][bilevel.HypergradInfo.to_dict] gives them as plain Python values for a logger.
 
     Attributes:
         strategy: the strategy's name (``"neumann"``, ``"identity"``, ``"cg"``, ``"exact"``,
@@ -62,13 +65,23 @@ class HypergradInfo:
             costs one HVP). For CG it is by default the residual carried by the CG recursion (free,
             but in float32 it can fall below the true residual); ``residual=True`` recomputes it.
         relative_residual: ``residual`` / ‖∂L_V/∂w‖, wherever ``residual`` is known: 1 is what x = 0
-            achieves, so a value above 1 means the solve made things worse than no solve at all (the
-            hypergradient is then refused: see ``failure``).
+            achieves. Above 1 the solve may be worse than none: the hypergradient is refused (see
+            ``failure``) when, besides, CG met negative curvature or the energy ½xᵀ(H + δI)x − xᵀ∂L_V/∂w
+            is above x = 0's (always, for Neumann). CG's residual alone may exceed 1 on the way to the
+            solution of a positive definite system, where it still improves on x = 0.
         iterations: CG iterations used (CG only).
         converged: whether CG met its tolerance (CG only).
         alpha: the Neumann step size used (resolved when ``alpha="auto"``).
-        lambda_max: the power-iteration estimate of the Hessian's spectral radius
-            (``alpha="auto"`` only).
+        lambda_max: the spectral-radius estimate α came from (``alpha="auto"`` only): 1/α, freshly
+            estimated by power iteration or, in a ``BilevelOptimizer``, reused from an earlier hyperstep.
+        alpha_source: Neumann only: ``"given"`` (a fixed α), ``"estimated"`` (power iteration in this
+            hyperstep) or ``"reused"`` (an estimate cached by ``BilevelOptimizer`` from an earlier one).
+        redone: the hyperstep was computed twice: ``BilevelOptimizer`` found it diverging or non-finite
+            with a reused α and redid it with a fresh estimate (``hvps`` counts both).
+        warm_started: whether the initial guess (``init=``, or ``warm_start=True`` in a
+            ``BilevelOptimizer``) was used: ``False`` when it was dropped for being worse than 0 (its
+            residual exceeds ‖∂L_V/∂w‖; its one HVP was spent all the same), ``None`` without a guess. A
+            bool for CG, a 0-dim bool tensor for Neumann (decided on the device).
         growth: Neumann only: ‖(I − αH)^{steps−1} v‖ / ‖v‖, the size of the series' last term
             relative to its first (v = ∂L_V/∂w). It is ≤ 1 whenever the series converges
             (0 ≤ αμ ≤ 2 for every eigenvalue μ of H); above 1 the series grows along some
@@ -77,8 +90,11 @@ class HypergradInfo:
             of α too large for the top of the spectrum (αμ_max > 2); the hypergradient is then
             wrong, often by orders of magnitude. Growth with ``diverging`` False comes from negative
             curvature (μ < 0: not at a minimum), which no α cures; see docs/debugging.md.
-        solution: the solve's x ≈ (H + δI)⁻¹ ∂L_V/∂w, shaped like ``params`` (IFT strategies): pass it
-            as ``init=`` to warm-start the next call's ``ConjugateGradient`` or ``Neumann``.
+        solution: the solve's x ≈ (H + δI)⁻¹ ∂L_V/∂w, shaped like ``params`` (IFT strategies of the
+            functional [`hypergradient`][bilevel.hypergradient]): pass it as ``init=`` to warm-start the
+            next call's ``ConjugateGradient`` or ``Neumann``. ``None`` in the records a
+            ``BilevelOptimizer`` returns, which keep no params-sized tensor (the optimiser keeps its
+            warm start itself).
         failure: why the hypergradient could not be computed (its entries are then NaN), e.g. a
             singular Hessian for ``Exact``, a zero Hessian for ``alpha="auto"``, or a solve that ended
             worse than no solve (``relative_residual`` > 1); ``None`` when it was.
@@ -114,6 +130,38 @@ class HypergradInfo:
     failure: str | None = None
     relative_residual: Tensor | None = None
     notes: tuple[str, ...] = ()
+    alpha_source: str | None = None
+    redone: bool = False
+    warm_started: bool | Tensor | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as plain Python values (floats, ints, bools, strings, ``None``, a list of notes),
+        without ``solution``: ready for a JSON log line or ``SummaryWriter.add_scalars``. Reading the
+        tensors synchronises the device once."""
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            if field.name == "solution":
+                continue
+            value = getattr(self, field.name)
+            if isinstance(value, Tensor):
+                value = value.item()
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[field.name] = value
+        return out
+
+    def __repr__(self) -> str:
+        parts = []
+        for name, value in self.to_dict().items():
+            default = next(f.default for f in dataclasses.fields(self) if f.name == name)
+            if value is None or (value == default and name not in ("strategy", "hvps")) or value == []:
+                continue
+            shown = f"{value:.4g}" if isinstance(value, float) else repr(value)
+            parts.append(f"{name}={shown}")
+        if self.solution is not None:
+            size = sum(t.numel() for t in optree.tree_leaves(self.solution))
+            parts.append(f"solution=<{size:,} values>")
+        return f"HypergradInfo({', '.join(parts)})"
 
 
 def check_unroll_distributed(strategy: Strategy, distributed: Any) -> None:
@@ -139,7 +187,7 @@ def hypergradient(
     hparams: Any,
     train_batch: Any,
     val_batch: Any,
-    strategy: Strategy = Neumann(steps=20, alpha=0.01),
+    strategy: Strategy | None = None,
     *,
     state: Any = None,
     seed: int | None = None,
@@ -170,7 +218,8 @@ def hypergradient(
         hparams: pytree of floating tensors, the hyperparameters λ.
         train_batch: passed to ``train_loss`` untouched.
         val_batch: passed to ``val_loss`` untouched.
-        strategy: [`Neumann`][bilevel.Neumann], [`Identity`][bilevel.Identity],
+        strategy: ``None`` (the default) is ``Neumann(steps=20, alpha="auto")``; or
+            [`Neumann`][bilevel.Neumann], [`Identity`][bilevel.Identity],
             [`ConjugateGradient`][bilevel.ConjugateGradient], [`Exact`][bilevel.Exact],
             [`Nystrom`][bilevel.Nystrom] or [`Unroll`][bilevel.Unroll].
         state: model state (e.g. [`FunctionalModule.state`][bilevel.FunctionalModule], BatchNorm's
@@ -216,7 +265,7 @@ def hypergradient(
     References:
         Lorraine, Vicol & Duvenaud (2020), Eq. IFT, Algorithms 2 and 3, Table 1.
     """
-    strategy = check_strategy(strategy)
+    strategy = check_strategy(Neumann(steps=20, alpha="auto") if strategy is None else strategy)
     check_unroll_distributed(strategy, distributed)
     problem, w, h, s = Problem.create(
         train_loss, val_loss, params, hparams, state=state, autocast=autocast, distributed=distributed
@@ -325,12 +374,14 @@ def ift_hypergradient(
     op = problem.operator(hvp, train_batch, w, h, s, seeds.train)
     extra: dict[str, Any] = {}
     failure: str | None = None
+    energy: Tensor | None = None  # ½ xᵀ(H + δI)x − bᵀx where (H + δI)x is known; 0 at x = 0
+    indefinite = False  # the solve itself saw that H + δI is not positive definite
 
     if isinstance(strategy, Neumann):
         alpha = strategy.alpha
         if alpha == "auto":
             radius = float(_linalg.power_iteration(op.hvp, w, strategy.power_iters))
-            extra.update(lambda_max=radius, power_hvps=strategy.power_iters)
+            extra.update(lambda_max=radius, power_hvps=strategy.power_iters, alpha_source="estimated")
             if not (math.isfinite(radius) and radius > 0):
                 failure = (
                     f"alpha='auto' found a spectral radius of {radius} for the training Hessian "
@@ -347,16 +398,23 @@ def ift_hypergradient(
             alpha = 1.0 / radius
         series = _linalg.neumann(op.hvp, gw, strategy.steps, alpha, x0=init)
         x = series.x
-        extra.update(alpha=alpha, growth=series.growth, diverging=series.diverging)
+        extra.update(alpha=alpha, growth=series.growth, diverging=series.diverging, warm_started=series.warm)
+        extra.setdefault("alpha_source", "given")
         if residual:
-            extra["residual"] = _tree.norm(_tree.add(op.hvp(x), gw, -1.0))
+            hx = op.hvp(x)
+            extra["residual"], energy = _tree.norm(_tree.add(hx, gw, -1.0)), _energy(x, hx, gw)
     elif isinstance(strategy, ConjugateGradient):
-        cg = _linalg.conjugate_gradient(op.hvp, gw, strategy.maxiter, strategy.tol, strategy.damping, x0=init)
+        tol = strategy.tolerance(gw[0].dtype)
+        cg = _linalg.conjugate_gradient(op.hvp, gw, strategy.maxiter, tol, strategy.damping, x0=init)
         x = cg.x
-        extra.update(residual=cg.residual, iterations=cg.iterations, converged=cg.converged)
+        extra.update(residual=cg.residual, iterations=cg.iterations, converged=cg.converged, warm_started=cg.warm)
+        energy = cg.energy
+        # CG's residual may exceed ‖b‖ on the way to the solution of a positive definite system, where it
+        # still improves on x = 0 in the (H + δI)-norm; only evidence against definiteness makes it bad
+        indefinite = cg.negative_curvature
         if residual:  # the recursion's residual drifts from the true one in low precision: recompute
             hx = _tree.add(op.hvp(x), x, strategy.damping) if strategy.damping else op.hvp(x)
-            extra["residual"] = _tree.norm(_tree.add(hx, gw, -1.0))
+            extra["residual"], energy = _tree.norm(_tree.add(hx, gw, -1.0)), _energy(x, hx, gw)
     elif isinstance(strategy, Nystrom):
         sketch = _nystrom_sketch(strategy, w, seeds.train)
         columns = op.hvp_batched(_tree.unravel_batched(sketch, w))  # C = HΩ: k products, one call
@@ -373,7 +431,7 @@ def ift_hypergradient(
         x = _tree.unravel(flat_x, w)
         if residual:
             hx = _tree.add(op.hvp(x), x, strategy.damping)
-            extra["residual"] = _tree.norm(_tree.add(hx, gw, -1.0))
+            extra["residual"], energy = _tree.norm(_tree.add(hx, gw, -1.0)), _energy(x, hx, gw)
     else:  # Exact
         hessian = dense_hessian(op, w)
         b = _tree.ravel([t.to(hessian.dtype) for t in gw])
@@ -392,15 +450,27 @@ def ift_hypergradient(
         b_norm = _tree.norm(gw)
         extra["relative_residual"] = torch.where(b_norm > 0, extra["residual"] / b_norm, extra["residual"] * 0)
         ratio = float(extra["relative_residual"])
-        if ratio > 1:  # x is further from the solution than x = 0 is (in the residual norm)
+        # Worse than x = 0 in the residual norm, and either in the energy φ(x) = ½xᵀ(H + δI)x − bᵀx too
+        # (φ(0) = 0; φ's excess over its minimum is the (H + δI)-norm of the error when H + δI is positive
+        # definite, and exact CG never raises it above 0 there) or on a system the solve found indefinite.
+        # A Neumann series on a positive definite H with 0 < αμ < 2 always has ‖r‖ ≤ ‖b‖, so for it a
+        # residual above ‖b‖ is enough. What is refused: solves of indefinite systems, CG that lost its
+        # orthogonality to round-off, Nyström solutions that overshoot along directions the sample missed.
+        worse = ratio > 1 and (
+            isinstance(strategy, Neumann) or indefinite or (energy is not None and float(energy) > 0)
+        )
+        if worse:
             failure = (
                 f"the linear solve ended worse than no solve: relative residual ‖(H + δI)x − ∂L_V/∂w‖ / ‖∂L_V/∂w‖ = "
-                f"{ratio:.3g} > 1, where x = 0 has 1, so the hypergradient would be wrong. Usual causes: a "
-                f"training Hessian that is not positive definite here (the weights are not near a minimum of "
-                f"train_loss), or products too inexact for the iterations run (bf16 autocast, finite "
-                f"differences). Remedies: damping (e.g. ConjugateGradient(damping=...)), more inner steps "
-                f"before each hyperstep, fewer iterations; bilevel.check_derivatives(...) measures the curvature "
-                f"and the products."
+                f"{ratio:.3g} > 1 (x = 0 has 1)"
+                + (f", energy ½xᵀ(H + δI)x − xᵀ∂L_V/∂w = {float(energy):.3g}" if energy is not None else "")
+                + (", negative curvature met by CG" if indefinite else "")
+                + ", so the hypergradient would be wrong. Usual causes: a "
+                "training Hessian that is not positive definite here (the weights are not near a minimum of "
+                "train_loss), or products too inexact for the iterations run (bf16 autocast, finite "
+                "differences). Remedies: damping (e.g. ConjugateGradient(damping=...)), more inner steps "
+                "before each hyperstep, fewer iterations; bilevel.check_derivatives(...) measures the curvature "
+                "and the products."
             )
             return _failed(h, name, op.hvps, val, failure, extra, notes)
     grads = _tree.add(gh, op.mixed_vjp(x), -1.0)
@@ -414,6 +484,11 @@ def ift_hypergradient(
         **extra,
     )
     return grads, info
+
+
+def _energy(x: Sequence[Tensor], hx: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """φ(x) = ½⟨x, (H + δI)x⟩ − ⟨b, x⟩ from a computed product (H + δI)x."""
+    return 0.5 * _tree.vdot(x, hx) - _tree.vdot(b, x)
 
 
 def dense_columns(op: Any, w: Leaves, indices: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ class NeumannResult:
     x: list[Tensor]
     growth: Tensor  # ‖last term‖ / ‖v‖ (0-dim)
     diverging: Tensor  # 0-dim bool: the terms grow with alternating sign, i.e. α μ_max > 2
+    warm: Tensor | None = None  # 0-dim bool: the guess x₀ was used (None: no guess given)
 
 
 def neumann(
@@ -51,6 +52,7 @@ def neumann(
     1 − αμ > 1 (negative curvature, μ < 0, which no α > 0 cures).
     """
     first = list(v)
+    keep: Tensor | None = None
     if x0 is not None:
         residual = _tree.add(v, matvec(x0), -1.0)  # r₀ = v − H x₀
         # A guess worse than 0 (‖r₀‖ > ‖v‖: the system moved, or an indefinite H drove an earlier solution
@@ -72,7 +74,7 @@ def neumann(
     x = _tree.scale(total, alpha)
     if x0 is not None:
         _tree.add_(x, x0)
-    return NeumannResult(x, growth, diverging)
+    return NeumannResult(x, growth, diverging, keep)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +85,9 @@ class CGResult:
     residual: Tensor  # ||b − (H + δI) x|| from the CG recursion
     iterations: int
     converged: bool
+    warm: bool | None = None  # the guess x₀ was used (None: no guess given)
+    energy: Tensor | None = None  # ½ xᵀ(H + δI)x − bᵀx = −½ xᵀ(b + r), from the recursion's r
+    negative_curvature: bool = False  # some search direction had pᵀ(H + δI)p < 0: not positive definite
 
 
 def conjugate_gradient(
@@ -104,6 +109,7 @@ def conjugate_gradient(
     # The loop already reads ‖r‖² and pᵀHp on the host to test convergence, so the step sizes are
     # Python floats and every vector update is one fused in-place pass over the tensors: the
     # vector arithmetic is O(P) per iteration and, at small batch, a visible share of an HVP.
+    warm: bool | None = None
     if x0 is None:
         x, r = [torch.zeros_like(t) for t in b], [t.clone() for t in b]
     else:
@@ -112,12 +118,14 @@ def conjugate_gradient(
         if damping:
             _tree.add_(hx, x, damping)
         r = _tree.add(b, hx, -1.0)  # r₀ = b − (H + δI) x₀
-        if float(_tree.vdot(r, r)) > float(_tree.vdot(b, b)):  # worse than starting from 0: do that
+        warm = float(_tree.vdot(r, r)) <= float(_tree.vdot(b, b))
+        if not warm:  # worse than starting from 0: do that
             x, r = [torch.zeros_like(t) for t in b], [t.clone() for t in b]
     p = [t.clone() for t in r]
     rs = float(_tree.vdot(r, r))
     threshold = tol * (math.sqrt(rs) if x0 is None else float(_tree.norm(b)))
     iterations = 0
+    negative = False
     converged = math.sqrt(rs) <= threshold
     while not converged and iterations < maxiter:
         hp = matvec(p)
@@ -125,6 +133,7 @@ def conjugate_gradient(
             _tree.add_(hp, p, damping)
         curvature = float(_tree.vdot(p, hp))
         iterations += 1
+        negative = negative or curvature < 0
         if curvature == 0.0:
             break
         step = rs / curvature
@@ -135,7 +144,9 @@ def conjugate_gradient(
         torch._foreach_mul_(p, rs_new / rs)  # p ← r + (rs_new / rs) p
         _tree.add_(p, r)
         rs = rs_new
-    return CGResult(x, torch.tensor(math.sqrt(rs), dtype=b[0].dtype, device=b[0].device), iterations, converged)
+    residual = torch.tensor(math.sqrt(rs), dtype=b[0].dtype, device=b[0].device)
+    energy = -0.5 * _tree.vdot(x, _tree.add(b, r))  # (H + δI)x = b − r
+    return CGResult(x, residual, iterations, converged, warm, energy, negative)
 
 
 def power_iteration(matvec: MatVec, like: Sequence[Tensor], iters: int, seed: int = 0) -> Tensor:

@@ -134,16 +134,22 @@ class BilevelOptimizer:
         val_loss: ``(params, hparams, batch) -> scalar``.
         params: initial weights (pytree of floating tensors); copied, never mutated.
         hparams: initial hyperparameters (pytree of floating tensors); copied, never mutated.
-        inner: torchopt optimiser for the weights (paper: Adam 1e-4), or a callable
-            ``hparams -> GradientTransformation`` whose own hyperparameters are tuned, e.g.
+        inner: torchopt optimiser for the weights; ``None`` is ``torchopt.adam(1e-4)``, the paper's. A dict
+            of optimisers by top-level key of ``params`` gives each group its own rule and rate. Or a
+            callable ``hparams -> GradientTransformation`` whose own hyperparameters are tuned, e.g.
             ``lambda h: torchopt.sgd(lr=h["log_lr"].exp())``: it is rebuilt from the current
             hyperparameters at every update, and ``strategy=Unroll(K)`` differentiates through them
             (an IFT strategy would give them a zero hypergradient and is refused). Transformations
             are always called out of place (``inplace=False``), so a custom one must support that;
             one rate per layer is a custom ``GradientTransformation`` that scales each leaf's update
             by its own rate (the learning-rates recipe has one).
-        outer: torchopt optimiser for the hyperparameters (paper: RMSprop 1e-2).
-        strategy: how hypergradients are computed (see [`hypergradient`][bilevel.hypergradient]).
+        outer: torchopt optimiser for the hyperparameters; ``None`` is ``torchopt.rmsprop(1e-2)``, the
+            paper's. A dict of optimisers by top-level key of ``hparams`` gives each group its own
+            rule and rate, e.g. ``{"decay": torchopt.adam(1e-2), "example_weights": torchopt.adam(1e-1)}``
+            (checkpointed and resumed like a single optimiser).
+        strategy: how hypergradients are computed (see [`hypergradient`][bilevel.hypergradient]);
+            ``None`` is ``Neumann(steps=5, alpha="auto")``, the recommendation of
+            [How to choose a strategy](../choosing.md).
         inner_steps: N, the number of inner updates per hyperstep.
         strict: raise [`NonFiniteError`][bilevel.NonFiniteError] instead of skipping non-finite
             updates.
@@ -196,9 +202,9 @@ class BilevelOptimizer:
         params: Any,
         hparams: Any,
         *,
-        inner: Any = torchopt.adam(1e-4),
-        outer: Any = torchopt.rmsprop(1e-2),
-        strategy: Strategy = Neumann(steps=5, alpha=1e-2),
+        inner: Any = None,
+        outer: Any = None,
+        strategy: Strategy | None = None,
         inner_steps: int = 10,
         strict: bool = False,
         distributed: DataParallel | None = None,
@@ -207,6 +213,9 @@ class BilevelOptimizer:
         seed: int | None = None,
         check: bool = False,
     ) -> None:
+        strategy = Neumann(steps=5, alpha="auto") if strategy is None else strategy
+        inner = torchopt.adam(1e-4) if inner is None else inner
+        outer = torchopt.rmsprop(1e-2) if outer is None else outer
         self.strategy = check_strategy(strategy)
         check_unroll_distributed(strategy, distributed)
         self._problem, w, h, s = Problem.create(
@@ -214,9 +223,11 @@ class BilevelOptimizer:
         )
         _check_arguments(strategy, inner, outer, inner_steps, strict, seed)
         check_exact_fits(strategy, w)
-        self.inner: Transformation = Transformation(inner, self._problem.params_spec, w, self._problem.hparams(h))
+        self.inner: Transformation = Transformation(
+            inner, self._problem.params_spec, w, self._problem.hparams(h), name="inner"
+        )
         _check_optimiser_hparams(self.inner, strategy, w, h, self._problem.hparams_spec, hparams)
-        self.outer: Transformation = Transformation(outer, self._problem.hparams_spec, h)
+        self.outer: Transformation = Transformation(outer, self._problem.hparams_spec, h, name="outer")
         self.inner_steps: int = int(inner_steps)
         self.strict: bool = strict
         if not isinstance(check, bool):
@@ -467,6 +478,8 @@ class BilevelOptimizer:
         grads, info = ift_hypergradient(
             self._problem, run.w, run.h, run.s, train_batch, val_batch, strategy, seeds, init=init
         )
+        if cached and run.alpha is not None:
+            info = dataclasses.replace(info, alpha_source="reused", lambda_max=1.0 / run.alpha)
         return grads, info, cached
 
     def _outer(self, train_batch: Any, val_batch: Any, *, scheduled: bool = False) -> tuple[HypergradInfo, bool]:
@@ -484,7 +497,7 @@ class BilevelOptimizer:
         if trouble is not None and cached:
             # A reused α may have gone stale (the curvature grew): estimate it afresh and try once more.
             grads, retry, _ = self._hypergradient(train_batch, val_batch, reuse_alpha=False)
-            info = dataclasses.replace(retry, hvps=info.hvps + retry.hvps)
+            info = dataclasses.replace(retry, hvps=info.hvps + retry.hvps, redone=True)
             h, state = self.outer.apply(grads, run.outer_state, run.h, started=run.outer_started)
             trouble = _trouble(self.strategy, info, [*grads, *h, *float_leaves(state)])
         skip = False
@@ -499,18 +512,19 @@ class BilevelOptimizer:
             else:
                 message = f"hyperstep {n}: {what} {where}; applied anyway (strict=True refuses it).{advice}"
             self._warn(kind, message)
-        fresh = info.lambda_max is not None and info.failure is None and info.alpha is not None
+        fresh = info.alpha_source == "estimated" and info.failure is None and info.alpha is not None
         alpha, age = (info.alpha, 1) if fresh else (run.alpha, run.alpha_age + 1)
         common: dict[str, Any] = dict(hypersteps=run.hypersteps + 1, window=(), alpha=alpha, alpha_age=age)
         if skip:  # a failed solve is no start for the next one: warm starts begin again from 0
             self._run = run.replace(skipped_outer=run.skipped_outer + 1, solution=None, **common)
-            return info, False
+            return dataclasses.replace(info, solution=None), False
         solution = run.solution
         if getattr(self.strategy, "warm_start", False) and info.solution is not None:
             solution = tuple(optree.tree_leaves(info.solution))
         self._run = run.replace(h=h, outer_state=state, outer_started=True, solution=solution, **common)
         self._check_sync("hparams after a hyperstep")
-        return info, True
+        # the record handed out keeps no params-sized tensor: a user's history of infos stays small
+        return dataclasses.replace(info, solution=None), True
 
     def _first_check(self, train_batch: Any, val_batch: Any) -> None:
         run, strategy = self._run, self.strategy

@@ -14,7 +14,7 @@ Without this, resuming an SGD-momentum run diverges from the uninterrupted one a
 from __future__ import annotations
 
 import types
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import optree
@@ -33,14 +33,51 @@ def is_transformation(value: Any) -> bool:
 
 
 def check_transformation(value: Any, name: str, *, factory: bool = False) -> None:
-    """Raise ``TypeError`` unless ``value`` is a torchopt ``GradientTransformation`` (or, with ``factory``,
-    a callable ``hparams -> GradientTransformation``)."""
+    """Raise ``TypeError`` unless ``value`` is a torchopt ``GradientTransformation``, a dict of them (one
+    per top-level key of the tree it updates), or, with ``factory``, a callable ``hparams ->
+    GradientTransformation``."""
+    if isinstance(value, Mapping):
+        bad = [key for key, t in value.items() if not is_transformation(t)]
+        if not value or bad:
+            raise TypeError(
+                f"`{name}`: a dict of optimisers must map top-level keys to torchopt GradientTransformations "
+                f"(e.g. {{'decay': torchopt.adam(1e-2), 'example_weights': torchopt.adam(1e-1)}}); "
+                f"{'it is empty' if not value else f'the entries {bad} are not'}."
+            )
+        return
     if is_transformation(value) or (factory and callable(value) and not isinstance(value, type)):
         return  # (a class such as torch.optim.Adam is callable, but not a factory of transformations)
     also = " or a callable hparams -> GradientTransformation" if factory else ""
     raise TypeError(
-        f"`{name}` must be a torchopt GradientTransformation such as torchopt.adam(1e-4){also}; got {value!r}."
+        f"`{name}` must be a torchopt GradientTransformation such as torchopt.adam(1e-4), a dict of them by "
+        f"top-level key{also}; got {value!r}."
     )
+
+
+def by_key(groups: Mapping[str, Any], spec: optree.PyTreeSpec, name: str) -> Any:
+    """One torchopt transformation made of one per top-level key of a dict tree (per-group rules and
+    rates): each updates its own subtree with its own state; the state is the tuple of theirs, in the
+    tree's key order, so it checkpoints and resumes like any torchopt state."""
+    tree = optree.tree_unflatten(spec, [0] * spec.num_leaves)
+    if not isinstance(tree, dict) or set(tree) != set(groups):
+        keys = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
+        raise ValueError(
+            f"`{name}`: a dict of optimisers needs a dict tree with exactly its keys; the optimisers are for "
+            f"{sorted(groups)}, the tree has {keys}."
+        )
+    members = tuple((key, groups[key]) for key in tree)  # a tuple: first_call_cells walks into it
+
+    def init(params: Any) -> tuple[Any, ...]:
+        return tuple(t.init(params[key]) for key, t in members)
+
+    def update(updates: Any, state: Any, params: Any = None, inplace: bool = True) -> tuple[Any, Any]:
+        out, states = {}, []
+        for (key, t), sub in zip(members, state):
+            out[key], new = t.update(updates[key], sub, params=None if params is None else params[key], inplace=inplace)
+            states.append(new)
+        return out, tuple(states)
+
+    return torchopt.base.GradientTransformation(init, update)
 
 
 def first_call_cells(transformation: Any) -> list[types.CellType]:
@@ -95,8 +132,12 @@ class Transformation:
       on the hyperparameters (torchopt's states hold moments and counts, not rates).
     """
 
-    def __init__(self, source: Any, spec: optree.PyTreeSpec, like: Leaves | None = None, hparams: Any = None) -> None:
+    def __init__(
+        self, source: Any, spec: optree.PyTreeSpec, like: Leaves | None = None, hparams: Any = None, name: str = ""
+    ) -> None:
         self.spec = spec
+        if isinstance(source, Mapping):
+            source = by_key(source, spec, name)
         self.factory = None if is_transformation(source) else source
         self.transformation = self._build(hparams) if self.factory is not None else source
         self._cells = first_call_cells(self.transformation)

@@ -277,7 +277,7 @@ def train_loss(params: dict, hparams: dict, batch: tuple) -> Tensor:
 def weight_decay(params: dict, hparams: dict) -> Tensor:
     if "log_wd" not in hparams:
         return params["embed"].new_zeros(())
-    return sum((hparams["log_wd"][k].exp() * v.pow(2)).sum() for k, v in params.items())
+    return bilevel.weight_decay(params, hparams["log_wd"])
 
 
 def val_loss(params: dict, hparams: dict, batch: tuple) -> Tensor:

@@ -149,17 +149,17 @@ def make_model(kind: str, pixels: int, classes: int, hidden: int) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(pixels, hidden), nn.ReLU(), nn.Linear(hidden, classes))
 
 
-def weighted_loss(fm: bilevel.FunctionalModule, params: dict, x: Tensor, y: Tensor, weights: Tensor, decay: float):
-    """Σ_i a_i CE_i / Σ_i a_i + δ‖w‖²: the training loss of every model of the recipe."""
-    logits, _ = fm(params, fm.state, x)
-    ce = F.cross_entropy(logits, y, reduction="none")
-    return (weights * ce).sum() / weights.sum() + decay * sum((p**2).sum() for p in params.values())
+def weighted_loss(fm: bilevel.FunctionalModule, params: dict, x: Tensor, y: Tensor, logits: Tensor, decay: float):
+    """Σ_i σ(λ_i) CE_i / Σ_i σ(λ_i) + δ‖w‖²: the training loss of every model of the recipe."""
+    out, _ = fm(params, fm.state, x)
+    ce = F.cross_entropy(out, y, reduction="none")
+    return bilevel.weighted_mean(ce, logits) + decay * sum((p**2).sum() for p in params.values())
 
 
 def make_losses(fm: bilevel.FunctionalModule, decay: float):
     def train_loss(params: dict, hparams: dict, batch: tuple[Tensor, Tensor]) -> Tensor:
         x, y = batch
-        return weighted_loss(fm, params, x, y, torch.sigmoid(hparams["logits"]), decay)
+        return weighted_loss(fm, params, x, y, hparams["logits"], decay)
 
     def val_loss(params: dict, hparams: dict, batch: tuple[Tensor, Tensor]) -> Tensor:
         x, y = batch
@@ -187,14 +187,14 @@ def fresh_model(kind: str, args: argparse.Namespace, data, device: torch.device)
     return bilevel.FunctionalModule(model.to(device=device, dtype=train[0].dtype))
 
 
-def train_fixed(kind: str, weights: Tensor, args: argparse.Namespace, data, device: torch.device, update) -> float:
-    """Test accuracy after ``args.steps`` full-batch Adam steps on L_T with fixed example weights."""
+def train_fixed(kind: str, logits: Tensor, args: argparse.Namespace, data, device: torch.device, update) -> float:
+    """Test accuracy after ``args.steps`` full-batch Adam steps on L_T with fixed example weights σ(logits)."""
     (x, y), _, test = data
     fm = fresh_model(kind, args, data, device)
     params = {k: v.detach().clone() for k, v in fm.params.items()}
     adam = torchopt.adam(args.inner_lr)  # the bilevel run's inner optimiser
-    state, weights = adam.init(params), weights.detach()
-    grad = torch.func.grad(lambda p: weighted_loss(fm, p, x, y, weights, args.weight_decay))
+    state, logits = adam.init(params), logits.detach()
+    grad = torch.func.grad(lambda p: weighted_loss(fm, p, x, y, logits, args.weight_decay))
     for _ in range(args.steps):
         updates, state = adam.update(grad(params), state)
         params = torchopt.apply_updates(params, updates)
@@ -258,7 +258,7 @@ def run_bilevel(kind: str, strategy: str, args: argparse.Namespace, data, corrup
             val_loss=float(result.hyper.val_loss),
             f1=history["f1"][-1],
         )
-    weights = torch.sigmoid(opt.hparams["logits"]).detach()
+    logits = opt.hparams["logits"].detach()
     summary = {
         "online_test_acc": history["test_acc"][-1],
         "wall_time_s": elapsed,
@@ -266,7 +266,7 @@ def run_bilevel(kind: str, strategy: str, args: argparse.Namespace, data, corrup
         "skipped_hypersteps": opt.skipped_outer_steps,
     }
     recipe_common.print_check(opt)
-    return weights, summary, history
+    return logits, summary, history
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -342,21 +342,24 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     strategies: dict[str, Any] = {}
     histories: dict[str, dict[str, dict[str, list]]] = {}
     learned: dict[str, dict[str, Tensor]] = {}
-    ones = torch.ones(len(noisy), dtype=data[0][0].dtype, device=device)
+    # fixed weights as logits: σ(0) = ½ for all (the plain mean), σ(±∞) = 1 / 0 for the oracle
+    even = torch.zeros(len(noisy), dtype=data[0][0].dtype, device=device)
+    oracle = torch.where(corrupted.to(device), -math.inf, math.inf).to(even.dtype)
     with recipe_common.progress("hyper-cleaning", total=total) as update:
         for kind in args.models:
             histories[kind], learned[kind], strategies[kind] = {}, {}, {}
             accs: dict[str, Any] = {"cleaned": {}, "online": {}}
             detection["models"][kind] = {}
             for name in args.strategies:
-                weights, summary, histories[kind][name] = run_bilevel(kind, name, args, data, corrupted, update)
+                logits, summary, histories[kind][name] = run_bilevel(kind, name, args, data, corrupted, update)
+                weights = torch.sigmoid(logits)
                 learned[kind][name] = weights
                 strategies[kind][name] = summary
                 accs["online"][name] = summary["online_test_acc"]
-                accs["cleaned"][name] = train_fixed(kind, weights, args, data, device, update)
+                accs["cleaned"][name] = train_fixed(kind, logits, args, data, device, update)
                 detection["models"][kind][name] = detection_scores(weights, corrupted)
-            accs["unweighted"] = train_fixed(kind, ones, args, data, device, update)
-            accs["oracle"] = train_fixed(kind, (~corrupted).to(ones.dtype), args, data, device, update)
+            accs["unweighted"] = train_fixed(kind, even, args, data, device, update)
+            accs["oracle"] = train_fixed(kind, oracle, args, data, device, update)
             test_acc["models"][kind] = accs
 
     first_model, first_strategy = args.models[0], args.strategies[0]

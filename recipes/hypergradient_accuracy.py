@@ -73,15 +73,14 @@ def make_model(kind: str, n_in: int, hidden: int) -> nn.Module:
 
 
 def make_losses(model: nn.Module):
-    """L_T with a log-parametrised decay per weight (exp keeps every decay > 0), and L_V."""
+    """L_T with a log-parametrised decay per weight, ½ Σ e^λ w² (exp keeps every decay > 0), and L_V."""
 
     def mse(params: dict[str, Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
         x, y = batch
         return ((functional_call(model, params, (x,)).squeeze(-1) - y) ** 2).mean()
 
     def train_loss(params: dict[str, Tensor], hparams: dict[str, Tensor], batch: Any) -> Tensor:
-        penalty = sum((hparams[k].exp() * p**2).sum() for k, p in params.items())
-        return mse(params, batch) + penalty
+        return mse(params, batch) + bilevel.weight_decay(params, hparams)
 
     def val_loss(params: dict[str, Tensor], hparams: dict[str, Tensor], batch: Any) -> Tensor:
         return mse(params, batch)

@@ -132,7 +132,7 @@ def make_losses(fm: bilevel.FunctionalModule):
 
     def train_loss(params: dict, hparams: dict, batch: Any, state: dict) -> tuple[Tensor, dict]:
         loss, state = cross_entropy(params, state, batch, train=True)
-        return loss + sum((hparams[k].exp() * p**2).sum() for k, p in params.items()), state
+        return loss + bilevel.weight_decay(params, hparams), state
 
     def val_loss(params: dict, hparams: dict, batch: Any, state: dict) -> tuple[Tensor, dict]:
         return cross_entropy(params, state, batch, train=False)

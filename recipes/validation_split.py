@@ -76,8 +76,8 @@ def logits(params: dict[str, Tensor], x: Tensor) -> Tensor:
 
 
 def penalty(weight: Tensor, log_decay: Tensor) -> Tensor:
-    """Σᵢ exp(λᵢ) Wᵢ²; a 0-dim λ broadcasts to one global decay."""
-    return (log_decay.exp() * weight.pow(2)).sum()
+    """½ Σᵢ exp(λᵢ) Wᵢ² (torch.optim's weight_decay with λ = log wd); a 0-dim λ is one global decay."""
+    return bilevel.weight_decay({"weight": weight}, {"weight": log_decay})
 
 
 def train_loss(params: dict[str, Tensor], hparams: dict[str, Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:

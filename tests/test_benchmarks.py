@@ -26,6 +26,7 @@ KEYS = {
     "unroll_vs_higher",
     "neumann_mem_ratio",
     "step_overhead_ratio",
+    "decay_step_ratio",
     "algorithm1_vs_handwritten",
     "betty_ratio",
     "bn_dropout_overhead",

@@ -85,6 +85,10 @@ def test_distillation_reads_mnist_idx_files(tmp_path):
     assert results["n_hparams"] == 28 * 28 * 10  # 7 840, as in the paper
 
 
+# Noise images in 3 072 dimensions make the inner Hessian near-singular: float32 CG loses orthogonality in
+# 20 iterations and some hypersteps end worse than no solve, which the optimiser skips (and warns about).
+# This test is about reading the files.
+@pytest.mark.filterwarnings("ignore:hyperstep .* skipped. the linear solve ended worse than no solve:RuntimeWarning")
 def test_distillation_reads_cifar10_pickle_batches(tmp_path):
     rng = np.random.default_rng(0)
     folder = tmp_path / "cifar-10-batches-py"

@@ -437,45 +437,71 @@ def test_non_finite_error_leaves_everything_as_documented():
 
 
 def _saddle(p, h, batch):
-    """L_T = ½ wᵀ diag(e^λ₀, −e^λ₁) w: a saddle, H = diag(1, −1) at λ = 0."""
-    return 0.5 * (h["h"][0].exp() * p["w"][0] ** 2 - h["h"][1].exp() * p["w"][1] ** 2)
+    """L_T = ½ wᵀ diag(e^λ₀, −½e^λ₁, 2e^λ₂) w: a saddle, H = diag(1, −½, 2) at λ = 0."""
+    curvature = torch.stack([h["h"][0].exp(), -0.5 * h["h"][1].exp(), 2 * h["h"][2].exp()])
+    return 0.5 * (curvature * p["w"] ** 2).sum()
 
 
 def _distance(p, h, batch):  # L_V = ½‖w − t‖², so b = ∂L_V/∂w = w − t
     return 0.5 * ((p["w"] - batch) ** 2).sum()
 
 
-def _saddle_point():  # params, hparams, train batch, val batch; b = (1, 0.9)
-    return {"w": torch.tensor([1.0, 0.9])}, {"h": torch.zeros(2)}, None, torch.zeros(2)
+def _saddle_point():  # params, hparams, train batch, val batch; b = (1, 1, 1)
+    return {"w": torch.ones(3)}, {"h": torch.zeros(3)}, None, torch.zeros(3)
+
+
+def _two_cg_steps_by_hand():
+    """Two CG iterations on H = diag(1, −½, 2), b = (1, 1, 1): x, ‖b − Hx‖/‖b‖, and the curvatures."""
+    H, b = torch.diag(torch.tensor([1.0, -0.5, 2.0])), torch.ones(3)
+    x, r = torch.zeros(3), b.clone()
+    p, curvatures = r.clone(), []
+    for _ in range(2):
+        curvatures.append(float(p @ H @ p))
+        step = (r @ r) / (p @ H @ p)
+        x, r_new = x + step * p, r - step * (H @ p)
+        p, r = r_new + (r_new @ r_new) / (r @ r) * p, r_new
+    return x, float((b - H @ x).norm() / b.norm()), curvatures
 
 
 def test_a_solve_worse_than_no_solve_is_refused_with_its_relative_residual():
-    """One CG step on H = diag(1, −1), b = (1, 0.9): x = (bᵀb / bᵀHb) b = 9.53 b, so r = b − Hx =
-    (1 − 9.53, 0.9 + 9.53 · 0.9) and ‖r‖/‖b‖ = 9.47 — further from H⁻¹b than x = 0."""
+    """Two CG steps on an indefinite H meet negative curvature and end further from H⁻¹b than x = 0."""
     params, hparams, train, val = _saddle_point()
-    b = torch.tensor([1.0, 0.9])
-    step = float(b @ b / (b @ torch.tensor([1.0, -0.9])))
-    r = b - step * torch.tensor([1.0, -0.9])
-    expected = float(r.norm() / b.norm())
-    with pytest.warns(RuntimeWarning, match=r"worse than no solve: relative residual .* = 9.47 > 1.*damping"):
-        grads, info = bilevel.hypergradient(
-            _saddle, _distance, params, hparams, train, val, bilevel.ConjugateGradient(1)
-        )
+    _, expected, curvatures = _two_cg_steps_by_hand()
+    assert expected > 1 and min(curvatures) < 0  # (1.24, and the second direction's pᵀHp < 0)
+    cg = bilevel.ConjugateGradient(2, tol=0.0)
+    refused = r"worse than no solve: relative residual .* = 1.24 > 1.*negative curvature met.*damping"
+    with pytest.warns(RuntimeWarning, match=refused):
+        grads, info = bilevel.hypergradient(_saddle, _distance, params, hparams, train, val, cg)
     assert torch.isnan(grads["h"]).all() and abs(float(info.relative_residual) - expected) < 1e-12
     # an exact solve of the same system is fine: the IFT holds at a saddle, and its residual is 0
     _, exact = bilevel.hypergradient(_saddle, _distance, params, hparams, train, val, bilevel.Exact())
     assert exact.failure is None and float(exact.relative_residual) < 1e-15
 
 
+def test_cg_whose_residual_rises_on_a_positive_definite_system_is_not_refused():
+    """On a positive definite but ill-conditioned H, CG's residual can exceed ‖b‖ on the way while the
+    iterate still improves on x = 0 in the H-norm (CG minimises it): that is no failure."""
+    curv = torch.tensor([1.0, 1e-3, 1e-3, 50.0])
+
+    def stiff(p, h, batch):
+        return 0.5 * (curv * h["h"].exp() * p["w"] ** 2).sum()
+
+    params, hparams, b = {"w": torch.tensor([1.0, 1.0, 1.0, 0.05])}, {"h": torch.zeros(4)}, torch.zeros(4)
+    _, info = bilevel.hypergradient(stiff, _distance, params, hparams, None, b, bilevel.ConjugateGradient(1, tol=0.0))
+    H, v = torch.diag(curv), params["w"]
+    x = float(v @ v / (v @ H @ v)) * v  # one CG step by hand
+    assert float((v - H @ x).norm() / v.norm()) > 1 and float(0.5 * x @ H @ x - v @ x) < 0
+    assert info.failure is None and float(info.relative_residual) > 1
+
+
 def test_an_optimiser_skips_and_counts_solves_worse_than_none_and_strict_refuses_them():
     params, hparams, train, val = _saddle_point()
-    opt = bilevel.BilevelOptimizer(_saddle, _distance, params, hparams, strategy=bilevel.ConjugateGradient(1))
+    cg = bilevel.ConjugateGradient(2, tol=0.0)
+    opt = bilevel.BilevelOptimizer(_saddle, _distance, params, hparams, strategy=cg)
     with pytest.warns(RuntimeWarning, match=r"hyperstep 1 skipped: the linear solve ended worse than no solve"):
         info = opt.outer_step(train, val)
-    assert info.failure is not None and opt.skipped_outer_steps == 1 and torch.equal(opt.hparams["h"], torch.zeros(2))
-    strict = bilevel.BilevelOptimizer(
-        _saddle, _distance, params, hparams, strategy=bilevel.ConjugateGradient(1), strict=True
-    )
+    assert info.failure is not None and opt.skipped_outer_steps == 1 and torch.equal(opt.hparams["h"], torch.zeros(3))
+    strict = bilevel.BilevelOptimizer(_saddle, _distance, params, hparams, strategy=cg, strict=True)
     before = _roundtrip(strict.state_dict())
     with pytest.raises(bilevel.NonFiniteError, match="worse than no solve"):
         strict.outer_step(train, val)
