@@ -1,4 +1,4 @@
-"""Developer tasks: `nox -s tests`, `nox -s lint`, `nox -s typecheck`, `nox -s recipes`, `nox -s slow`."""
+"""Developer tasks: `nox -s tests`, `lint`, `typecheck`, `docs`, `recipes`, `slow`, `bench` and `cuda`."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def tests(session: nox.Session) -> None:
     """Run the default test suite (fast; slow checks live in `nox -s slow`)."""
     _install(session, "test")
     threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    session.run("pytest", "-m", "not slow", *session.posargs, env=threads)
+    session.run("pytest", "-m", "not slow and not cuda", *session.posargs, env=threads)
 
 
 def _install_peers(session: nox.Session) -> None:
@@ -40,6 +40,16 @@ def slow(session: nox.Session) -> None:
     _install(session, "test")
     _install_peers(session)
     session.run("pytest", "-m", "slow", *session.posargs)
+
+
+@nox.session
+def cuda(session: nox.Session) -> None:
+    """On a machine with a GPU: the CUDA tests and `python -m benchmarks --device cuda --quick` (~8 minutes)."""
+    session.install("-e", ".[test]")  # no CPU pin here: pip picks the CUDA build of torch
+    _install_peers(session)
+    session.run("python", "-c", "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')")
+    session.run("pytest", "-m", "cuda", *session.posargs)
+    session.run("python", "-m", "benchmarks", "--device", "cuda", "--quick", "--out", "runs/bench-cuda")
 
 
 # The top-level keys each recipe's results.json must have (see the recipes' docs pages).

@@ -61,12 +61,20 @@ def plain_steps(problem: Problem, n: int, lr: float = 1e-4) -> Callable[[], Any]
 
 
 def bilevel_inner_steps(problem: Problem, n: int, lr: float = 1e-4) -> Callable[[], Any]:
-    """``n`` ``BilevelOptimizer.inner_step`` calls (Adam), no hyperstep."""
+    """``n`` ``BilevelOptimizer.inner_step`` calls (Adam), no hyperstep, on the module as the docs write it:
+    through ``FunctionalModule``, with the same loss and decay as :class:`PlainTraining`."""
+    fm = bilevel.FunctionalModule(copy.deepcopy(problem.module))
+
+    def train_loss(params: dict, hparams: dict, batch: Any) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(fm(params, {}, x)[0], y) + _decay(params, hparams)
+
+    params = {k: problem.params[k] for k in fm.params}
     opt = bilevel.BilevelOptimizer(
-        problem.train_loss,
-        problem.val_loss,
-        problem.params,
-        problem.hparams,
+        train_loss,
+        train_loss,
+        params,
+        {k: problem.hparams[k] for k in fm.params},
         inner=torchopt.adam(lr),
         inner_steps=10**9,
         seed=0,

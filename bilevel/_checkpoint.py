@@ -67,7 +67,23 @@ class RunState:
 
 
 def to_dict(run: RunState) -> dict[str, Any]:
-    """``run`` as plain containers, numbers, strings and tensors (optimiser states as leaf lists)."""
+    """``run`` as plain containers, numbers, strings and tensors (optimiser states as leaf lists): copies,
+    which later steps never change (the optimiser writes its weights and inner state in place)."""
+    return _copied(_as_dict(run))
+
+
+def _copied(obj: Any) -> Any:
+    """``obj`` with every tensor in its dicts and lists cloned (recorded batches are private copies already)."""
+    if isinstance(obj, Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _copied(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_copied(v) for v in obj]
+    return obj
+
+
+def _as_dict(run: RunState) -> dict[str, Any]:
     return {
         "version": VERSION,
         "params": list(run.w),

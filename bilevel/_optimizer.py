@@ -34,6 +34,7 @@ from bilevel._hypergradient import (
     ift_hypergradient,
     unrolled_hypergradient,
 )
+from bilevel._inplace import InPlaceUpdate
 from bilevel._problem import Problem
 from bilevel._strategies import Neumann, Strategy, Unroll
 from bilevel._transform import Transformation, check_transformation, float_leaves
@@ -235,6 +236,16 @@ class BilevelOptimizer:
         self.check: bool = check
         self._derivative_check: DerivativeCheck | None = None
         self._window_size: int = strategy.steps if isinstance(strategy, Unroll) else 0
+        # Accelerators: select on device instead of branching on a host bool (no sync per step).
+        # Strict mode must decide before changing anything, and Unroll records only the steps that
+        # were applied, so both branch on the host.
+        self._device_select: bool = w[0].device.type != "cpu" and not strict and not self._window_size
+        # In-place updates into private buffers (see _inplace): flat layout, host branch, no Unroll window
+        # (which keeps the weights of past steps), verified to give torchopt's out-of-place numbers.
+        self._inplace: InPlaceUpdate | None = None
+        if self.inner.flat is not None and not self._device_select and not self._window_size:
+            if InPlaceUpdate.matches(self.inner, _tree.ravel(w)):
+                self._inplace = InPlaceUpdate(self.inner)
         self._run: RunState = self._flattened(
             RunState(
                 w=tuple(t.clone() for t in w),
@@ -254,17 +265,14 @@ class BilevelOptimizer:
                 alpha_age=0,
             )
         )
-        # Accelerators: select on device instead of branching on a host bool (no sync per step).
-        # Strict mode must decide before changing anything, and Unroll records only the steps that
-        # were applied, so both branch on the host.
-        self._device_select: bool = w[0].device.type != "cpu" and not strict and not self._window_size
         self._warned: dict[str, int] = {}  # warnings issued per kind (not state: a resumed run starts afresh)
 
     # ------------------------------------------------------------------------------ state
     @property
     def params(self) -> Any:
-        """Current weights, with the structure of the ``params`` given at construction."""
-        return self._problem.params(self._run.w)
+        """Current weights, with the structure of the ``params`` given at construction: a copy, which later
+        steps never change (the optimiser updates its own buffers in place)."""
+        return self._problem.params(tuple(t.clone() for t in self._run.w))
 
     @property
     def hparams(self) -> Any:
@@ -338,10 +346,13 @@ class BilevelOptimizer:
         retrying the call continues bitwise like an uninterrupted run. The run state is immutable and
         replaced as a whole, so restoring it is one assignment."""
         run, warned = self._run, dict(self._warned)
+        spare = None if self._inplace is None else self._inplace.spare
         try:
             yield
         except BaseException:
             self._run, self._warned = run, warned
+            if self._inplace is not None:  # the buffers the call wrote into are the spare set again
+                self._inplace.spare = spare
             raise
 
     def _flattened(self, run: RunState) -> RunState:
@@ -349,8 +360,11 @@ class BilevelOptimizer:
         flat = self.inner.flat
         if flat is None:
             return run
-        vector = flat.join(run.w)
-        return run.replace(w=flat.split(vector), w_flat=vector)
+        vector, state = flat.join(run.w), run.inner_state
+        if self._inplace is not None:  # the current buffers must be private: copies, and a spare set
+            vector, state = self._inplace.adopt(vector, state)
+            return run.replace(w=self._inplace.views(vector), w_flat=vector, inner_state=state)
+        return run.replace(w=flat.split(vector), w_flat=vector, inner_state=state)
 
     def _inner(self, batch: Any) -> tuple[Tensor, Tensor]:
         run, problem, flat = self._run, self._problem, self.inner.flat
@@ -359,9 +373,12 @@ class BilevelOptimizer:
         (grads,), loss, s = problem.value_and_grad(
             problem.train_loss, batch, w_in, run.h, (0,), run.s, seed, chain_state=True, flat=flat
         )
-        if flat is not None and run.w_flat is not None:
+        if self._inplace is not None and flat is not None and run.w_flat is not None:
+            vector, state = self._inplace.update(grads[0], run.inner_state, run.w_flat, started=run.inner_started)
+            w: Leaves = self._inplace.views(vector)
+        elif flat is not None and run.w_flat is not None:
             vector, state = self.inner.apply_flat(grads[0], run.inner_state, run.w_flat, started=run.inner_started)
-            w: Leaves = flat.split(vector)
+            w = flat.split(vector)
         else:
             hparams = self._problem.hparams(run.h) if self.inner.factory is not None else None
             vector, (w, state) = (
@@ -408,6 +425,8 @@ class BilevelOptimizer:
             self._run = run.replace(
                 w=w, w_flat=vector, s=s, inner_state=state, inner_started=True, steps=run.steps + 1, window=window
             )
+            if self._inplace is not None and run.w_flat is not None:
+                self._inplace.commit(run.w_flat, run.inner_state)
             self._check_sync("params after an inner step")
         else:
             self._run = run.replace(steps=run.steps + 1, skipped_inner=run.skipped_inner + 1)

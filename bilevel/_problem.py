@@ -253,8 +253,11 @@ class Problem:
         total: list[Tensor] = []
         value: Tensor | None = None
         state = s
-        with torch.enable_grad():
-            inputs = tuple(tuple(t.detach().requires_grad_() for t in leaves) for leaves in (w, h))
+        with torch.enable_grad():  # (only the differentiated leaves record a graph: cheaper inner steps)
+            inputs = tuple(
+                tuple(t.detach().requires_grad_() if i in argnums else t.detach() for t in leaves)
+                for i, leaves in enumerate((w, h))
+            )
             wanted = [t for i in argnums for t in inputs[i]]
             params = inputs[0] if flat is None else flat.split(inputs[0][0])
             for piece, coef in zip(pieces, coefs):

@@ -165,12 +165,14 @@ class Transformation:
             return self.transformation.init((self.flat.join(w),))
         return self.transformation.init(optree.tree_unflatten(self.spec, list(w)))
 
-    def _update(self, updates: Any, state: Any, params: Any, started: bool, hparams: Any = None) -> tuple[Any, Any]:
+    def _update(
+        self, updates: Any, state: Any, params: Any, started: bool, hparams: Any = None, inplace: bool = False
+    ) -> tuple[Any, Any]:
         """``transformation.update`` as if the state had seen ``started`` earlier updates (0 or some)."""
         transformation, cells = self._at(hparams)
         for cell in cells:
             cell.cell_contents = not started
-        return transformation.update(updates, state, params=params, inplace=False)
+        return transformation.update(updates, state, params=params, inplace=inplace)
 
     def apply(
         self, grads: Sequence[Tensor], state: Any, w: Sequence[Tensor], *, started: bool, hparams: Any = None
