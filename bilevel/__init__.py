@@ -11,7 +11,7 @@ from bilevel._hypergradient import HypergradInfo, hypergradient
 from bilevel._hyperparams import log_decay_like, weight_decay, weighted_mean
 from bilevel._module import FunctionalModule
 from bilevel._optimizer import BilevelOptimizer, NonFiniteError, StepResult
-from bilevel._strategies import ConjugateGradient, Exact, Identity, Neumann, Nystrom, Strategy, Unroll
+from bilevel._strategies import ConjugateGradient, Exact, Identity, Neumann, Nystrom, Penalty, Strategy, Unroll
 
 __all__ = [
     "HVP",
@@ -30,6 +30,7 @@ __all__ = [
     "Neumann",
     "NonFiniteError",
     "Nystrom",
+    "Penalty",
     "ReverseHVP",
     "StepResult",
     "Strategy",

@@ -34,6 +34,7 @@ from bilevel._strategies import (
     Identity,
     Neumann,
     Nystrom,
+    Penalty,
     Strategy,
     Unroll,
 )
@@ -52,7 +53,7 @@ class HypergradInfo:
 
     Attributes:
         strategy: the strategy's name (``"neumann"``, ``"identity"``, ``"cg"``, ``"exact"``,
-            ``"nystrom"``, ``"unroll"``).
+            ``"nystrom"``, ``"unroll"``, ``"penalty"``).
         hvps: Hessian-vector products applied (power iteration and residual included; for
             ``Exact`` the P columns of the dense Hessian, for ``Nystrom`` its ``rank`` batched ones).
         power_hvps: how many of ``hvps`` estimated the spectral radius for ``alpha="auto"`` (0 when α
@@ -78,6 +79,10 @@ class HypergradInfo:
             hyperstep) or ``"reused"`` (an estimate cached by ``BilevelOptimizer`` from an earlier one).
         redone: the hyperstep was computed twice: ``BilevelOptimizer`` found it diverging or non-finite
             with a reused α and redid it with a fresh estimate (``hvps`` counts both).
+        penalty: ``Penalty`` only: σ used at this hypergradient.
+        gradients: ``Penalty`` only: first-derivative evaluations spent (2 per auxiliary update + 3).
+        gap: ``Penalty`` only: ‖u − w‖ of the auxiliary weights after their updates (≈ ‖H⁻¹∂L_V/∂w‖/σ
+            at the minimiser: far larger means u is not there yet, far smaller that σ dwarfs L_V).
         warm_started: whether the initial guess (``init=``, or ``warm_start=True`` in a
             ``BilevelOptimizer``) was used: ``False`` when it was dropped for being worse than 0 (its
             residual exceeds ‖∂L_V/∂w‖; its one HVP was spent all the same), ``None`` without a guess. A
@@ -133,6 +138,9 @@ class HypergradInfo:
     alpha_source: str | None = None
     redone: bool = False
     warm_started: bool | Tensor | None = None
+    penalty: float | None = None
+    gradients: int = 0
+    gap: Tensor | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The record as plain Python values (floats, ints, bools, strings, ``None``, a list of notes),
@@ -221,7 +229,7 @@ def hypergradient(
         strategy: ``None`` (the default) is ``Neumann(steps=20, alpha="auto")``; or
             [`Neumann`][bilevel.Neumann], [`Identity`][bilevel.Identity],
             [`ConjugateGradient`][bilevel.ConjugateGradient], [`Exact`][bilevel.Exact],
-            [`Nystrom`][bilevel.Nystrom] or [`Unroll`][bilevel.Unroll].
+            [`Nystrom`][bilevel.Nystrom], [`Unroll`][bilevel.Unroll] or [`Penalty`][bilevel.Penalty].
         state: model state (e.g. [`FunctionalModule.state`][bilevel.FunctionalModule], BatchNorm's
             running statistics) passed to both losses; the new states they return are discarded
             here — a hypergradient never changes the model state.
@@ -288,6 +296,18 @@ def hypergradient(
         steps = [UnrollStep(k > 0, train_batch, s if k == 0 else None, seeds.train) for k in range(strategy.steps)]
         grads, info = unrolled_hypergradient(
             problem, w, opt_state, h, steps, val_batch, None, seeds.val, transformation
+        )
+    elif isinstance(strategy, Penalty):
+        if strategy.optimizer is None:
+            raise ValueError(
+                "`Penalty(penalty, steps, optimizer=None)` in `hypergradient`: say how the auxiliary weights are "
+                "updated, e.g. Penalty(penalty=100.0, steps=50, optimizer=torchopt.sgd(lr=0.1)). (BilevelOptimizer "
+                "uses its inner optimiser's configuration and needs none.)"
+            )
+        transformation = Transformation(strategy.optimizer, problem.params_spec, w)
+        aux = PenaltyRun(w, transformation.init(w), False)
+        grads, info, _ = penalty_hypergradient(
+            problem, w, h, s, train_batch, val_batch, aux, transformation, strategy.steps, strategy.penalty, seeds
         )
     else:
         check_exact_fits(strategy, w)
@@ -540,6 +560,57 @@ def _failed(
     nan = torch.full_like(val, math.nan)
     info = HypergradInfo(strategy=name, hvps=hvps, val_loss=val, grad_norm=nan, failure=failure, notes=notes, **extra)
     return grads, info
+
+
+@dataclasses.dataclass(frozen=True)
+class PenaltyRun:
+    """The auxiliary weights u of :class:`Penalty`, their optimiser state and whether it has started."""
+
+    u: Leaves
+    state: Any
+    started: bool
+
+
+def penalty_hypergradient(
+    problem: Problem,
+    w: Leaves,
+    h: Leaves,
+    s: Leaves,
+    train_batch: Any,
+    val_batch: Any,
+    aux: PenaltyRun,
+    transformation: Transformation,
+    steps: int,
+    sigma: float,
+    seeds: Seeds,
+) -> tuple[list[Tensor], HypergradInfo, PenaltyRun]:
+    r"""The value-function penalty hypergradient (see :class:`Penalty`), first derivatives only.
+
+    ``steps`` updates of u on L_T(u, λ) + L_V(u, λ)/σ, then ∂L_V/∂λ(u) + σ(∂L_T/∂λ(u) − ∂L_T/∂λ(w)).
+    Returns the hypergradient, its record and the new auxiliary state (the caller keeps it or not).
+    """
+    u, state, started = aux.u, aux.state, aux.started
+    for _ in range(steps):
+        (g_t,), _, _ = problem.value_and_grad(problem.train_loss, train_batch, u, h, (0,), s, seeds.train)
+        (g_v,), _, _ = problem.value_and_grad(problem.val_loss, val_batch, u, h, (0,), s, seeds.val)
+        u, state = transformation.apply(_tree.add(g_t, g_v, 1.0 / sigma), state, u, started=started)
+        started = True
+    # (w and λ both: a loss that does not depend on λ still has a graph through the weights)
+    (_, gv_h), val, _ = problem.value_and_grad(problem.val_loss, val_batch, u, h, (0, 1), s, seeds.val)
+    (_, gt_u), _, _ = problem.value_and_grad(problem.train_loss, train_batch, u, h, (0, 1), s, seeds.train)
+    (_, gt_w), _, _ = problem.value_and_grad(problem.train_loss, train_batch, w, h, (0, 1), s, seeds.train)
+    grads = _tree.add(gv_h, _tree.add(gt_u, gt_w, -1.0), sigma)  # ∂L_V/∂λ(u) + σ (∂L_T/∂λ(u) − ∂L_T/∂λ(w))
+    gap = _tree.norm(_tree.add(u, w, -1.0))
+    info = HypergradInfo(
+        strategy="penalty",
+        hvps=0,
+        val_loss=val,
+        grad_norm=_tree.norm(grads),
+        penalty=sigma,
+        gradients=2 * steps + 3,
+        gap=gap,
+    )
+    return grads, info, PenaltyRun(tuple(u), state, started)
 
 
 @dataclasses.dataclass(frozen=True)

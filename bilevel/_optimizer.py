@@ -1,8 +1,11 @@
 """BilevelOptimizer: Algorithm 1 of the paper as a stateful object driven by ``step()``.
 
-All mutable state of a bilevel run lives here, in one ``RunState`` (params, hparams, both torchopt
-states, counters, the cached Neumann step size, the unroll window) that every step replaces as a
-whole; the functional core it calls holds none. Checkpoints are ``_checkpoint``'s business.
+All mutable state of a run lives in one ``RunState`` (params, hparams, both torchopt states,
+counters, and the state of the strategy's hypergradient family) that every step replaces as a whole;
+the functional core it calls holds none. This module runs the loop — inner step, non-finite guard,
+hyperstep, outer update, counters — and leaves the rest to its collaborators: the in-place inner update
+(``_inplace``), the hypergradient families (``_ift``, ``_unroll``, ``_penalty``) and checkpoints
+(``_checkpoint``).
 """
 
 from __future__ import annotations
@@ -21,24 +24,24 @@ from torch import Tensor
 
 from bilevel import _random, _tree
 from bilevel._check import DerivativeCheck, run_check
-from bilevel._checkpoint import Record, RunState, from_dict, to_dict
+from bilevel._checkpoint import RunState, from_dict, to_dict
 from bilevel._distributed import DataParallel
+from bilevel._family import Family
 from bilevel._hvp import DerivativeError, ReverseHVP
 from bilevel._hypergradient import (
     HypergradInfo,
-    Seeds,
-    UnrollStep,
     check_exact_fits,
     check_strategy,
     check_unroll_distributed,
-    ift_hypergradient,
-    unrolled_hypergradient,
 )
+from bilevel._ift import IFT
 from bilevel._inplace import InPlaceUpdate
+from bilevel._penalty import AuxiliaryWeights
 from bilevel._problem import Problem
-from bilevel._strategies import Neumann, Strategy, Unroll
+from bilevel._strategies import Neumann, Penalty, Strategy, Unroll
 from bilevel._transform import Transformation, check_transformation, float_leaves
 from bilevel._tree import Leaves
+from bilevel._unroll import UnrollWindow
 
 
 class NonFiniteError(FloatingPointError):
@@ -116,8 +119,9 @@ class BilevelOptimizer:
     $$
 
     With ``strategy=Unroll(K)`` the hypergradient is instead obtained by differentiating through the
-    optimiser's own last K inner updates (truncated backpropagation), recomputed at hyperstep time
-    from snapshots of weights, optimiser and model state, with each step's own random numbers.
+    optimiser's own last K inner updates, replayed from snapshots with each step's own random numbers;
+    with ``strategy=Penalty(σ)`` from auxiliary weights that persist between hypersteps (first
+    derivatives only).
 
     Numerical safety: an update whose result would contain NaN/Inf is not applied; params,
     hparams and both optimiser states keep their previous values. Skips are counted
@@ -141,9 +145,9 @@ class BilevelOptimizer:
             ``lambda h: torchopt.sgd(lr=h["log_lr"].exp())``: it is rebuilt from the current
             hyperparameters at every update, and ``strategy=Unroll(K)`` differentiates through them
             (an IFT strategy would give them a zero hypergradient and is refused). Transformations
-            are always called out of place (``inplace=False``), so a custom one must support that;
-            one rate per layer is a custom ``GradientTransformation`` that scales each leaf's update
-            by its own rate (the learning-rates recipe has one).
+            are called out of place, or in place on the optimiser's private buffers where a probe at
+            construction finds that bitwise the same (``_inplace``); one rate per layer is a custom
+            ``GradientTransformation`` scaling each leaf's update (the learning-rates recipe has one).
         outer: torchopt optimiser for the hyperparameters; ``None`` is ``torchopt.rmsprop(1e-2)``, the
             paper's. A dict of optimisers by top-level key of ``hparams`` gives each group its own
             rule and rate, e.g. ``{"decay": torchopt.adam(1e-2), "example_weights": torchopt.adam(1e-1)}``
@@ -222,49 +226,31 @@ class BilevelOptimizer:
         self._problem, w, h, s = Problem.create(
             train_loss, val_loss, params, hparams, state=state, autocast=autocast, distributed=distributed
         )
-        _check_arguments(strategy, inner, outer, inner_steps, strict, seed)
+        _check_arguments(strategy, inner, outer, inner_steps, strict, seed, check)
         check_exact_fits(strategy, w)
-        self.inner: Transformation = Transformation(
-            inner, self._problem.params_spec, w, self._problem.hparams(h), name="inner"
-        )
+        self.inner = Transformation(inner, self._problem.params_spec, w, self._problem.hparams(h), name="inner")
         _check_optimiser_hparams(self.inner, strategy, w, h, self._problem.hparams_spec, hparams)
-        self.outer: Transformation = Transformation(outer, self._problem.hparams_spec, h, name="outer")
-        self.inner_steps: int = int(inner_steps)
-        self.strict: bool = strict
-        if not isinstance(check, bool):
-            raise TypeError(f"`check={check!r}`: must be True or False.")
-        self.check: bool = check
-        self._derivative_check: DerivativeCheck | None = None
-        self._window_size: int = strategy.steps if isinstance(strategy, Unroll) else 0
-        # Accelerators: select on device instead of branching on a host bool (no sync per step).
-        # Strict mode must decide before changing anything, and Unroll records only the steps that
-        # were applied, so both branch on the host.
-        self._device_select: bool = w[0].device.type != "cpu" and not strict and not self._window_size
-        # In-place updates into private buffers (see _inplace): flat layout, host branch, no Unroll window
-        # (which keeps the weights of past steps), verified to give torchopt's out-of-place numbers.
-        self._inplace: InPlaceUpdate | None = None
-        if self.inner.flat is not None and not self._device_select and not self._window_size:
-            if InPlaceUpdate.matches(self.inner, _tree.ravel(w)):
-                self._inplace = InPlaceUpdate(self.inner)
+        self.outer = Transformation(outer, self._problem.hparams_spec, h, name="outer")
+        self.inner_steps, self.strict, self.check = int(inner_steps), strict, check
+        self._family: Family = _family(self._problem, self.inner, strategy)
+        unrolled = isinstance(strategy, Unroll)
+        # Accelerators select on the device instead of branching on a host bool (no sync per step); strict
+        # mode must decide before changing anything, and Unroll records only applied steps: both branch.
+        self._device_select = w[0].device.type != "cpu" and not strict and not unrolled
+        self._inplace: InPlaceUpdate | None = None  # in-place updates into private buffers (see _inplace)
+        if self.inner.flat is not None and not self._device_select and not unrolled:
+            self._inplace = InPlaceUpdate(self.inner) if InPlaceUpdate.matches(self.inner, _tree.ravel(w)) else None
+        w = tuple(t.clone() for t in w)
+        inner_state = self.inner.init(w)
         self._run: RunState = self._flattened(
             RunState(
-                w=tuple(t.clone() for t in w),
-                h=tuple(t.clone() for t in h),
-                s=s,
-                seed=_random.draw() if seed is None else int(seed),
-                inner_state=self.inner.init(w),
-                outer_state=self.outer.init(h),
-                inner_started=False,
-                outer_started=False,
-                steps=0,
-                hypersteps=0,
-                skipped_inner=torch.zeros((), dtype=torch.int64, device=w[0].device),
-                skipped_inner_warned=0,
-                skipped_outer=0,
-                alpha=None,
-                alpha_age=0,
+                w=w, h=tuple(t.clone() for t in h), s=s, seed=_random.draw() if seed is None else int(seed),
+                inner_state=inner_state, outer_state=self.outer.init(h), inner_started=False, outer_started=False,
+                steps=0, hypersteps=0, skipped_inner=torch.zeros((), dtype=torch.int64, device=w[0].device),
+                skipped_inner_warned=0, skipped_outer=0, family=self._family.initial(w, inner_state),
             )
-        )
+        )  # fmt: skip
+        self._derivative_check: DerivativeCheck | None = None
         self._warned: dict[str, int] = {}  # warnings issued per kind (not state: a resumed run starts afresh)
 
     # ------------------------------------------------------------------------------ state
@@ -306,14 +292,14 @@ class BilevelOptimizer:
         return int(self._run.skipped_inner)
 
     @property
-    def derivative_check(self) -> DerivativeCheck | None:
-        """What ``check=True`` measured at the first hyperstep (``None`` before it, or without ``check``)."""
-        return self._derivative_check
-
-    @property
     def skipped_outer_steps(self) -> int:
         """Outer updates not applied: non-finite, or a hypergradient that failed (see ``NonFiniteError``)."""
         return self._run.skipped_outer
+
+    @property
+    def derivative_check(self) -> DerivativeCheck | None:
+        """What ``check=True`` measured at the first hyperstep (``None`` before it, or without ``check``)."""
+        return self._derivative_check
 
     # ------------------------------------------------------------------------------ steps
     def step(self, train_batch: Any, val_batch: Any) -> StepResult:
@@ -341,10 +327,10 @@ class BilevelOptimizer:
 
     @contextlib.contextmanager
     def _atomic(self) -> Iterator[None]:
-        """All of a call or nothing: on any exception (a bug in a loss, an out-of-memory error,
-        KeyboardInterrupt, NonFiniteError) the optimiser is put back exactly as before the call, so that
-        retrying the call continues bitwise like an uninterrupted run. The run state is immutable and
-        replaced as a whole, so restoring it is one assignment."""
+        """All of a call or nothing: on any exception (a bug in a loss, out of memory, KeyboardInterrupt,
+        NonFiniteError) the optimiser is put back exactly as before the call, so that retrying it continues
+        bitwise like an uninterrupted run. The run state is immutable and replaced as a whole, so restoring
+        it (and which in-place buffers are spare) is an assignment."""
         run, warned = self._run, dict(self._warned)
         spare = None if self._inplace is None else self._inplace.spare
         try:
@@ -373,42 +359,20 @@ class BilevelOptimizer:
         (grads,), loss, s = problem.value_and_grad(
             problem.train_loss, batch, w_in, run.h, (0,), run.s, seed, chain_state=True, flat=flat
         )
-        if self._inplace is not None and flat is not None and run.w_flat is not None:
-            vector, state = self._inplace.update(grads[0], run.inner_state, run.w_flat, started=run.inner_started)
-            w: Leaves = self._inplace.views(vector)
-        elif flat is not None and run.w_flat is not None:
-            vector, state = self.inner.apply_flat(grads[0], run.inner_state, run.w_flat, started=run.inner_started)
-            w = flat.split(vector)
+        vector: Tensor | None = None
+        if flat is not None and run.w_flat is not None:
+            if self._inplace is not None:
+                vector, state = self._inplace.update(grads[0], run.inner_state, run.w_flat, started=run.inner_started)
+                w: Leaves = self._inplace.views(vector)
+            else:
+                vector, state = self.inner.apply_flat(grads[0], run.inner_state, run.w_flat, started=run.inner_started)
+                w = flat.split(vector)
         else:
             hparams = self._problem.hparams(run.h) if self.inner.factory is not None else None
-            vector, (w, state) = (
-                None,
-                self.inner.apply(grads, run.inner_state, run.w, started=run.inner_started, hparams=hparams),
-            )
+            w, state = self.inner.apply(grads, run.inner_state, run.w, started=run.inner_started, hparams=hparams)
         written = [*(w if vector is None else [vector]), *float_leaves(state), *float_leaves(s)]
         if self._device_select:
-            ok = torch.isfinite(loss) & _tree.all_finite(written)
-            if vector is not None and run.w_flat is not None and flat is not None:
-                vector = torch.where(ok, vector, run.w_flat)
-                w = flat.split(vector)
-            else:
-                w = _select(ok, w, run.w)
-            self._run = run.replace(
-                w=w,
-                w_flat=vector,
-                s=_select(ok, s, run.s),
-                inner_state=optree.tree_map(
-                    lambda new, old: torch.where(ok, new, old) if isinstance(new, Tensor) else new,
-                    state,
-                    run.inner_state,
-                ),
-                # torchopt's momentum must know whether a step was applied: one sync, until one was.
-                inner_started=run.inner_started or bool(ok),
-                steps=run.steps + 1,
-                skipped_inner=run.skipped_inner + (~ok).long(),
-            )
-            self._check_sync("params after an inner step")
-            return loss, ok
+            return self._select_on_device(loss, written, w, vector, state, s)
         # Host branch: a cheap sum screen (one host sync), and the exact check only when the screen fails.
         written.append(loss)
         applied = bool(_tree.sum_is_finite(written)) or bool(_tree.all_finite(written))
@@ -418,12 +382,9 @@ class BilevelOptimizer:
                 f"nothing was changed (strict mode)."
             )
         if applied:
-            window = run.window
-            if self._window_size:  # Unroll: remember where the update started, on a private copy of the batch
-                record = Record(run.w, run.inner_state, run.inner_started, _tree.copy_batch(batch), run.s, run.steps)
-                window = (*window, record)[-self._window_size :]
+            family = self._family.recorded(run.family, run, batch)
             self._run = run.replace(
-                w=w, w_flat=vector, s=s, inner_state=state, inner_started=True, steps=run.steps + 1, window=window
+                w=w, w_flat=vector, s=s, inner_state=state, inner_started=True, steps=run.steps + 1, family=family
             )
             if self._inplace is not None and run.w_flat is not None:
                 self._inplace.commit(run.w_flat, run.inner_state)
@@ -432,6 +393,79 @@ class BilevelOptimizer:
             self._run = run.replace(steps=run.steps + 1, skipped_inner=run.skipped_inner + 1)
             self._report_inner_skips()
         return loss, torch.tensor(applied)
+
+    def _select_on_device(
+        self, loss: Tensor, written: list[Tensor], w: Leaves, vector: Tensor | None, state: Any, s: Leaves
+    ) -> tuple[Tensor, Tensor]:
+        """The inner step's guard on an accelerator: keep or refuse on the device, without a host sync."""
+        run, flat = self._run, self.inner.flat
+        ok = torch.isfinite(loss) & _tree.all_finite(written)
+        if vector is not None and run.w_flat is not None and flat is not None:
+            vector = torch.where(ok, vector, run.w_flat)
+            w = flat.split(vector)
+        else:
+            w = _select(ok, w, run.w)
+        self._run = run.replace(
+            w=w,
+            w_flat=vector,
+            s=_select(ok, s, run.s),
+            inner_state=optree.tree_map(
+                lambda new, old: torch.where(ok, new, old) if isinstance(new, Tensor) else new, state, run.inner_state
+            ),
+            inner_started=run.inner_started or bool(ok),  # torchopt's momentum must know: one sync, until applied
+            steps=run.steps + 1,
+            skipped_inner=run.skipped_inner + (~ok).long(),
+        )
+        self._check_sync("params after an inner step")
+        return loss, ok
+
+    def _outer(self, train_batch: Any, val_batch: Any, *, scheduled: bool = False) -> tuple[HypergradInfo, bool]:
+        """The hyperstep. ``scheduled``: called by ``step()`` after its ``inner_steps`` inner steps."""
+        if self._device_select:
+            self._report_inner_skips()
+        run = self._run
+        if self.check and run.hypersteps == 0 and self._derivative_check is None:
+            self._first_check(train_batch, val_batch)
+        hyper = self._family.hypergradient(run, train_batch, val_batch, scheduled)
+        h, state = self.outer.apply(hyper.grads, run.outer_state, run.h, started=run.outer_started)
+        trouble = _trouble(self.strategy, hyper.info, [*hyper.grads, *h, *float_leaves(state), *hyper.written])
+        if trouble is not None and hyper.redo is not None:
+            hyper = hyper.redo()  # e.g. a fresh estimate of a stale spectral radius: tried once
+            h, state = self.outer.apply(hyper.grads, run.outer_state, run.h, started=run.outer_started)
+            trouble = _trouble(self.strategy, hyper.info, [*hyper.grads, *h, *float_leaves(state), *hyper.written])
+        info, skip = hyper.info, False
+        if trouble is not None:
+            what, advice, skip = trouble
+            n, where = run.hypersteps + 1, f"(strategy {info.strategy}, {info.hvps} HVPs)"
+            if self.strict:  # raised before any state changes: the hyperstep did not happen
+                raise NonFiniteError(f"hyperstep {n}: {what} {where}; nothing was changed (strict mode).{advice}")
+            if skip:
+                message = f"hyperstep {n} skipped: {what} {where}; hparams and outer state left unchanged.{advice}"
+            else:
+                message = f"hyperstep {n}: {what} {where}; applied anyway (strict=True refuses it).{advice}"
+            self._warn("skipped" if skip else "diverging", message)
+        family = self._family.after(run.family, hyper, not skip)
+        if skip:
+            self._run = run.replace(skipped_outer=run.skipped_outer + 1, hypersteps=run.hypersteps + 1, family=family)
+        else:
+            self._run = run.replace(
+                h=h, outer_state=state, outer_started=True, hypersteps=run.hypersteps + 1, family=family
+            )
+            self._check_sync("hparams after a hyperstep")
+        # the record handed out keeps no params-sized tensor: a user's history of infos stays small
+        return dataclasses.replace(info, solution=None), not skip
+
+    def _first_check(self, train_batch: Any, val_batch: Any) -> None:
+        run, strategy = self._run, self.strategy
+        hvp = getattr(strategy, "hvp", None) or ReverseHVP()
+        seeds = self._family.seeds(run)
+        result = run_check(self._problem, run.w, run.h, run.s, train_batch, val_batch, hvp, strategy, seeds, run.seed)
+        if not result.ok:
+            if self.strict:
+                message = f"check=True at hyperstep 1; nothing was changed (strict mode):\n{result}"
+                raise DerivativeError(message, result)
+            warnings.warn(f"check=True at hyperstep 1 found problems:\n{result}", RuntimeWarning, stacklevel=5)
+        self._derivative_check = result
 
     def _warn(self, kind: str, message: str) -> None:
         """Warn on the 1st, 2nd, 4th, 8th, ... occurrence of ``kind`` (every one is in StepResult/info):
@@ -458,135 +492,47 @@ class BilevelOptimizer:
         )
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
-    def _hypergradient(
-        self, train_batch: Any, val_batch: Any, *, reuse_alpha: bool = True, scheduled: bool = False
-    ) -> tuple[list[Tensor], HypergradInfo, bool]:
-        """The hypergradient at the current state; also whether a cached Neumann α was used."""
-        run, strategy = self._run, self.strategy
-        seeds = Seeds(
-            _random.derive(run.seed, _random.TRAIN, run.hypersteps),
-            _random.derive(run.seed, _random.VAL, run.hypersteps),
-        )
-        if isinstance(strategy, Unroll):
-            if len(run.window) < strategy.steps:
-                needs = (
-                    f"Unroll(steps={strategy.steps}) needs {strategy.steps} applied inner steps since the last "
-                    f"hyperstep to differentiate through; only {len(run.window)} were applied"
-                )
-                if not scheduled:
-                    raise ValueError(f"`{needs}`.")
-                failure = (
-                    f"{needs} (the others were skipped as non-finite). Use inner_steps > steps to leave room for "
-                    f"skipped inner steps."
-                )
-                return *_unavailable(run.h, "unroll", failure), False
-            first = run.window[0]
-            steps = [
-                UnrollStep(r.inner_started, r.batch, r.s, _random.derive(run.seed, _random.INNER, r.step))
-                for r in run.window
-            ]
-            grads, info = unrolled_hypergradient(
-                self._problem, first.w, first.inner_state, run.h, steps, val_batch, run.s, seeds.val, self.inner
-            )
-            return grads, info, False
-        cached = False
-        if isinstance(strategy, Neumann) and strategy.alpha == "auto" and run.alpha is not None:
-            cached = reuse_alpha and run.alpha_age < strategy.refresh_every
-            strategy = dataclasses.replace(strategy, alpha=run.alpha) if cached else strategy
-        init = run.solution if getattr(strategy, "warm_start", False) else None
-        grads, info = ift_hypergradient(
-            self._problem, run.w, run.h, run.s, train_batch, val_batch, strategy, seeds, init=init
-        )
-        if cached and run.alpha is not None:
-            info = dataclasses.replace(info, alpha_source="reused", lambda_max=1.0 / run.alpha)
-        return grads, info, cached
-
-    def _outer(self, train_batch: Any, val_batch: Any, *, scheduled: bool = False) -> tuple[HypergradInfo, bool]:
-        """The hyperstep. ``scheduled``: called by ``step()`` after its ``inner_steps`` inner steps, so an
-        Unroll window shorter than the strategy's steps can only come from skipped (non-finite) inner
-        steps and is a counted skip; an explicit ``outer_step()`` too early is a usage error."""
-        if self._device_select:
-            self._report_inner_skips()
-        run = self._run
-        if self.check and run.hypersteps == 0 and self._derivative_check is None:
-            self._first_check(train_batch, val_batch)
-        grads, info, cached = self._hypergradient(train_batch, val_batch, scheduled=scheduled)
-        h, state = self.outer.apply(grads, run.outer_state, run.h, started=run.outer_started)
-        trouble = _trouble(self.strategy, info, [*grads, *h, *float_leaves(state)])
-        if trouble is not None and cached:
-            # A reused α may have gone stale (the curvature grew): estimate it afresh and try once more.
-            grads, retry, _ = self._hypergradient(train_batch, val_batch, reuse_alpha=False)
-            info = dataclasses.replace(retry, hvps=info.hvps + retry.hvps, redone=True)
-            h, state = self.outer.apply(grads, run.outer_state, run.h, started=run.outer_started)
-            trouble = _trouble(self.strategy, info, [*grads, *h, *float_leaves(state)])
-        skip = False
-        if trouble is not None:
-            what, advice, skip = trouble
-            n, where = run.hypersteps + 1, f"(strategy {info.strategy}, {info.hvps} HVPs)"
-            if self.strict:  # raised before any state changes: the hyperstep did not happen
-                raise NonFiniteError(f"hyperstep {n}: {what} {where}; nothing was changed (strict mode).{advice}")
-            kind = "skipped" if skip else "diverging"
-            if skip:
-                message = f"hyperstep {n} skipped: {what} {where}; hparams and outer state left unchanged.{advice}"
-            else:
-                message = f"hyperstep {n}: {what} {where}; applied anyway (strict=True refuses it).{advice}"
-            self._warn(kind, message)
-        fresh = info.alpha_source == "estimated" and info.failure is None and info.alpha is not None
-        alpha, age = (info.alpha, 1) if fresh else (run.alpha, run.alpha_age + 1)
-        common: dict[str, Any] = dict(hypersteps=run.hypersteps + 1, window=(), alpha=alpha, alpha_age=age)
-        if skip:  # a failed solve is no start for the next one: warm starts begin again from 0
-            self._run = run.replace(skipped_outer=run.skipped_outer + 1, solution=None, **common)
-            return dataclasses.replace(info, solution=None), False
-        solution = run.solution
-        if getattr(self.strategy, "warm_start", False) and info.solution is not None:
-            solution = tuple(optree.tree_leaves(info.solution))
-        self._run = run.replace(h=h, outer_state=state, outer_started=True, solution=solution, **common)
-        self._check_sync("hparams after a hyperstep")
-        # the record handed out keeps no params-sized tensor: a user's history of infos stays small
-        return dataclasses.replace(info, solution=None), True
-
-    def _first_check(self, train_batch: Any, val_batch: Any) -> None:
-        run, strategy = self._run, self.strategy
-        seeds = Seeds(_random.derive(run.seed, _random.TRAIN, 0), _random.derive(run.seed, _random.VAL, 0))
-        hvp = getattr(strategy, "hvp", None) or ReverseHVP()
-        result = run_check(self._problem, run.w, run.h, run.s, train_batch, val_batch, hvp, strategy, seeds, run.seed)
-        if not result.ok:
-            if self.strict:
-                message = f"check=True at hyperstep 1; nothing was changed (strict mode):\n{result}"
-                raise DerivativeError(message, result)
-            warnings.warn(f"check=True at hyperstep 1 found problems:\n{result}", RuntimeWarning, stacklevel=5)
-        self._derivative_check = result
-
     # ------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume bitwise: weights, hparams, model state, both optimiser states
-        (and whether each has started, which torchopt's momentum needs), counters, the seed, the
-        cached auto-alpha, the warm-start solution and the unroll window. Save it with ``torch.save``.
+        """Everything needed to resume bitwise, as copies: weights, hparams, model state, both optimiser
+        states (and whether each has started, which torchopt's momentum needs), counters, the seed, and
+        the strategy family's state (warm start and cached α, the unroll window, or the auxiliary
+        weights). Save it with ``torch.save``.
 
         It holds only plain containers, numbers, strings and tensors, so ``torch.load(path)`` reads it
         with the default ``weights_only=True``, provided your batches (kept for ``Unroll``) are
-        tensors or containers of them.
-
-        The random numbers your losses draw inside ``step()`` derive from the run's ``seed`` (saved
-        here) and the step's index, so dropout resumes bitwise; torch's global generator is neither
-        used nor saved.
+        tensors or containers of them. The random numbers your losses draw inside ``step()`` derive
+        from the run's ``seed`` (saved here) and the step's index, so dropout resumes bitwise.
         """
-        return to_dict(self._run)
+        return to_dict(self._run, self._family)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a ``state_dict()`` into an optimiser built with the same losses, structures and
-        torchopt optimisers.
+        """Restore a ``state_dict()`` into an optimiser built with the same losses, structures, strategy
+        and torchopt optimisers.
 
         Everything is validated before anything is assigned — the kind and structure of both
-        optimiser states, the shape, dtype and device of every tensor, the counters and the unroll
-        window — so a checkpoint that does not fit raises ``ValueError``/``TypeError`` and leaves
-        the optimiser exactly as it was.
+        optimiser states, the shape, dtype and device of every tensor, the counters and the family's
+        state — so a checkpoint that does not fit raises ``ValueError``/``TypeError`` and leaves the
+        optimiser exactly as it was. The saved tensors are copied in, never adopted.
         """
-        self._run = self._flattened(from_dict(state, self._run, self._window_size))
+        self._run = self._flattened(from_dict(state, self._run, self._family))
 
 
-def _check_arguments(strategy: Strategy, inner: Any, outer: Any, inner_steps: Any, strict: Any, seed: Any) -> None:
+def _family(problem: Problem, inner: Transformation, strategy: Strategy) -> Family:
+    """The run-time bookkeeping of ``strategy``'s hypergradient family."""
+    if isinstance(strategy, Unroll):
+        return UnrollWindow(problem, inner, strategy)
+    if isinstance(strategy, Penalty):
+        return AuxiliaryWeights(problem, inner, strategy)
+    return IFT(problem, inner, strategy)
+
+
+def _check_arguments(
+    strategy: Strategy, inner: Any, outer: Any, inner_steps: Any, strict: Any, seed: Any, check: Any
+) -> None:
     """The constructor's argument checks, each error naming the argument as the user wrote it."""
+    if not isinstance(check, bool):
+        raise TypeError(f"`check={check!r}`: must be True or False.")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise TypeError(f"`seed={seed!r}`: must be an int, or None to draw one from torch's global generator.")
     check_transformation(inner, "inner", factory=True)
@@ -656,10 +602,3 @@ def _leaf_names(tree: Any) -> list[str]:
 
 def _select(ok: Tensor, new: Leaves, old: Leaves) -> Leaves:
     return tuple(torch.where(ok, a, b) for a, b in zip(new, old))
-
-
-def _unavailable(h: Leaves, name: str, failure: str) -> tuple[list[Tensor], HypergradInfo]:
-    """A hypergradient that could not even be attempted: NaN entries and the reason."""
-    nan = torch.full((), float("nan"), dtype=h[0].dtype, device=h[0].device)
-    info = HypergradInfo(strategy=name, hvps=0, val_loss=nan, grad_norm=nan, failure=failure)
-    return [torch.full_like(t, float("nan")) for t in h], info

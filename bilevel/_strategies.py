@@ -4,7 +4,7 @@ Pass one as ``strategy=`` to [`hypergradient`][bilevel.hypergradient] or
 [`BilevelOptimizer`][bilevel.BilevelOptimizer].
 The IFT strategies (Neumann, Identity, ConjugateGradient, Exact, Nystrom) differ only in how they
 approximate H⁻¹v (Table 1 of Lorraine et al., 2020); Unroll differentiates through inner
-optimisation steps instead.
+optimisation steps instead, and Penalty needs first derivatives only (the value-function penalty).
 """
 
 from __future__ import annotations
@@ -400,6 +400,82 @@ class Unroll:
         return "unroll"
 
 
-Strategy = Neumann | Identity | ConjugateGradient | Exact | Nystrom | Unroll
-"""Type of the ``strategy=`` argument: Neumann, Identity, ConjugateGradient, Exact, Nystrom or Unroll."""
-STRATEGIES = (Neumann, Identity, ConjugateGradient, Exact, Nystrom, Unroll)
+@dataclasses.dataclass(frozen=True)
+class Penalty:
+    r"""First-order hypergradients from the value-function penalty: no second derivative anywhere.
+
+    The bilevel problem is the constrained one \(\min_{\lambda, u} L_V(u, \lambda)\) subject to
+    \(L_T(u, \lambda) \le \min_v L_T(v, \lambda)\). Its penalty with weight σ,
+    \(L_V(u, \lambda) + \sigma\,(L_T(u, \lambda) - L_T(w^*(\lambda), \lambda))\), has, at its minimiser
+    \(u^*_\sigma = rg\min_u L_T(u, \lambda) + L_V(u, \lambda)/\sigma\) and by the envelope theorem for
+    \(\min_v L_T\), the gradient
+
+    $$
+    rac{dL_V}{d\lambda} pprox rac{\partial L_V}{\partial\lambda}(u, \lambda)
+      + \sigma\Big(rac{\partial L_T}{\partial\lambda}(u, \lambda)
+      - rac{\partial L_T}{\partial\lambda}(w, \lambda)\Big).
+    $$
+
+    With \(u = u^*_\sigma\) and \(w = w^*\): \(u^*_\sigma - w^* = -H^{-1}\partial L_V/\partial w\,/\sigma
+    + O(1/\sigma^2)\), so the bracket times σ is \(-(\partial^2 L_T/\partial w\partial\lambda^	op)^	op
+    H^{-1}\partial L_V/\partial w + O(1/\sigma)\): the IFT hypergradient up to an O(1/σ) bias. The
+    auxiliary weights u start at w and take ``steps`` updates of the auxiliary optimiser on
+    \(L_T(u, \lambda) + L_V(u, \lambda)/\sigma\) per hypergradient; only gradients are taken (2·``steps``
+    + 3 per hypergradient), so it works with every model that trains with ``loss.backward()``: fused
+    kernels without double backward, ``torch.compile``, ``weight_norm``, and models too large for an
+    HVP's retained graph. What σ trades: a small σ biases the estimate (O(1/σ)); a large one makes u
+    hard to place — the bracket is a difference of nearly equal gradients, multiplied by σ, so u must sit
+    at its minimiser to ~1/σ² for an accurate result, and errors of w (not quite at w*) are amplified
+    by σ too.
+
+    Args:
+        penalty: σ > 0.
+        steps: auxiliary updates per hypergradient, ≥ 1.
+        optimizer: the auxiliary optimiser (a torchopt ``GradientTransformation``). Required by the
+            functional [`hypergradient`][bilevel.hypergradient]; in
+            [`BilevelOptimizer`][bilevel.BilevelOptimizer] ``None`` uses the inner optimiser's
+            configuration with its own state, and u and that state persist from hyperstep to hyperstep
+            (warm: each hyperstep continues where the last one left u).
+        growth: in a ``BilevelOptimizer``, σ at hyperstep t is ``penalty · (1 + t) ** growth``: F²SA lets
+            σ grow with the iteration so that the O(1/σ) bias vanishes while early hypersteps, far from a
+            minimum, stay well conditioned. 0 keeps σ fixed.
+
+    Example:
+        >>> import bilevel, torchopt
+        >>> bilevel.Penalty(penalty=100.0, steps=10, optimizer=torchopt.sgd(0.1)).name
+        'penalty'
+
+    References:
+        Kwon, Kwon, Wright & Nowak (2023), "A fully first-order method for stochastic bilevel
+        optimization" (F²SA), ICML; Pan et al. (2025), "ScaleBiO: scalable bilevel optimization for LLM
+        data reweighting", ACL; Liu et al. (2022), BOME, NeurIPS.
+    """
+
+    penalty: float
+    steps: int = 10
+    optimizer: Any = None
+    growth: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_float("Penalty", "penalty", self.penalty, positive=True, hint=" e.g. 100.0; see the docstring.")
+        _check_int("Penalty", "steps", self.steps, 1)
+        _check_float("Penalty", "growth", self.growth, positive=False)
+        transformation = all(callable(getattr(self.optimizer, n, None)) for n in ("init", "update"))
+        if self.optimizer is not None and not transformation:
+            raise TypeError(
+                f"`Penalty(optimizer={self.optimizer!r})`: optimizer must be a torchopt GradientTransformation, e.g. "
+                f"torchopt.sgd(lr=0.1), or None in BilevelOptimizer (the inner optimiser's configuration)."
+            )
+
+    @property
+    def name(self) -> str:
+        return "penalty"
+
+    def sigma(self, hyperstep: int) -> float:
+        """σ at hyperstep ``hyperstep`` (0-based): ``penalty · (1 + hyperstep) ** growth``."""
+        return float(self.penalty) * (1.0 + hyperstep) ** float(self.growth)
+
+
+Strategy = Neumann | Identity | ConjugateGradient | Exact | Nystrom | Unroll | Penalty
+"""Type of the ``strategy=`` argument: Neumann, Identity, ConjugateGradient, Exact, Nystrom, Unroll or Penalty."""
+STRATEGIES = (Neumann, Identity, ConjugateGradient, Exact, Nystrom, Unroll, Penalty)

@@ -1,0 +1,57 @@
+"""The run-time bookkeeping of ``Penalty`` in a ``BilevelOptimizer``: the auxiliary weights.
+
+The auxiliary weights u of the value-function penalty start as a copy of the weights and persist from
+hyperstep to hyperstep with their own optimiser state (by default the inner optimiser's configuration,
+so Adam's moments of u are not w's), each hyperstep continuing where the last one left u. They are
+part of the checkpoint, checked by the non-finite guard with everything else the hyperstep writes,
+and, being updated from averaged gradients, identical on every data-parallel rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bilevel import _checkpoint
+from bilevel._checkpoint import RunState
+from bilevel._family import Family, Hyper
+from bilevel._hypergradient import PenaltyRun, penalty_hypergradient
+from bilevel._problem import Problem
+from bilevel._strategies import Penalty
+from bilevel._transform import Transformation, describe, float_leaves
+from bilevel._tree import Leaves
+
+
+class AuxiliaryWeights(Family):
+    keys = ("aux", "aux_state", "aux_structure", "aux_started")
+
+    def __init__(self, problem: Problem, inner: Transformation, strategy: Penalty) -> None:
+        super().__init__(problem, inner, strategy)
+        self.strategy: Penalty = strategy
+        self.transformation = inner  # until initial() sees the weights (a given optimiser needs their layout)
+
+    def initial(self, w: Leaves, inner_state: Any) -> PenaltyRun:
+        if self.strategy.optimizer is not None:
+            self.transformation = Transformation(self.strategy.optimizer, self.problem.params_spec, w)
+        return PenaltyRun(tuple(t.clone() for t in w), self.transformation.init(w), False)
+
+    def hypergradient(self, run: RunState, train_batch: Any, val_batch: Any, scheduled: bool) -> Hyper:
+        sigma = self.strategy.sigma(run.hypersteps)
+        grads, info, aux = penalty_hypergradient(
+            self.problem, run.w, run.h, run.s, train_batch, val_batch, run.family, self.transformation,
+            self.strategy.steps, sigma, self.seeds(run),
+        )  # fmt: skip
+        return Hyper(grads, info, aux, written=(*aux.u, *float_leaves(aux.state)))
+
+    def to_dict(self, aux: PenaltyRun) -> dict[str, Any]:
+        return {
+            "aux": list(aux.u),
+            "aux_state": _checkpoint.leaves(aux.state),
+            "aux_structure": describe(aux.state),
+            "aux_started": aux.started,
+        }
+
+    def from_dict(self, saved: dict[str, Any], like: RunState) -> PenaltyRun:
+        _checkpoint.check_tensors(saved["aux"], like.w, "aux")
+        state = _checkpoint.optimizer_state(saved, "aux", like.family.state)
+        _checkpoint.check_type(saved["aux_started"], bool, "aux_started")
+        return PenaltyRun(tuple(saved["aux"]), state, saved["aux_started"])
