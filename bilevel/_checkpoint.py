@@ -114,14 +114,14 @@ def from_dict(saved: Any, like: RunState, family: Any) -> RunState:
             f"`state` is not a BilevelOptimizer.state_dict() of version {VERSION} (got version "
             f"{saved.get('version')!r}); checkpoints of earlier bilevel versions cannot be resumed by this one."
         )
-    missing = [key for key in (*_KEYS, *family.keys) if key not in saved]
-    if missing:
-        raise ValueError(f"`state` lacks the entries {missing}; it is not a complete BilevelOptimizer.state_dict().")
-    if saved["family"] != type(family).__name__:
+    if "family" in saved and saved["family"] != type(family).__name__:
         raise ValueError(
             f"`state` was saved by an optimiser whose strategy keeps {saved['family']!r} state; this one keeps "
             f"{type(family).__name__!r}. Build the optimiser with the strategy of the run you resume."
         )
+    missing = [key for key in (*_KEYS, *family.keys) if key not in saved]
+    if missing:
+        raise ValueError(f"`state` lacks the entries {missing}; it is not a complete BilevelOptimizer.state_dict().")
     check_tensors(saved["params"], like.w, "params")
     check_tensors(saved["hparams"], like.h, "hparams")
     check_tensors(saved["state"], like.s, "state")

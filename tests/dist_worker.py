@@ -18,10 +18,11 @@ def strategies():
         "neumann_auto": bilevel.Neumann(steps=10, alpha="auto"),
         "cg": bilevel.ConjugateGradient(maxiter=20, tol=1e-12),
         "exact": bilevel.Exact(),
+        "penalty": bilevel.Penalty(penalty=50.0, steps=20, optimizer=torchopt.sgd(0.5)),
     }
 
 
-def make_optimizer(problem, distributed=None, hparams=None):
+def make_optimizer(problem, distributed=None, hparams=None, strategy=None):
     return bilevel.BilevelOptimizer(
         problem.train_loss,
         problem.val_loss,
@@ -29,10 +30,15 @@ def make_optimizer(problem, distributed=None, hparams=None):
         hparams if hparams is not None else problem.hparams(),
         inner=torchopt.adam(0.05),
         outer=torchopt.adam(0.05),
-        strategy=bilevel.ConjugateGradient(maxiter=10),
+        strategy=strategy or bilevel.ConjugateGradient(maxiter=10),
         inner_steps=3,
         distributed=distributed,
     )
+
+
+def penalty_strategy():
+    """Penalty in an optimiser: auxiliary weights with the inner optimiser's configuration, a growing σ."""
+    return bilevel.Penalty(penalty=20.0, steps=5, growth=0.5)
 
 
 def batchnorm_optimizer(distributed=None):
@@ -95,6 +101,10 @@ def run(rank: int, world: int, store: str, out: str) -> None:
         for _ in range(7):
             opt.step(train, val)
         results["optimizer"] = (opt.params["w"], opt.hparams["log_l2"], opt.hypersteps)
+        opt = make_optimizer(problem, parallel, strategy=penalty_strategy())
+        for _ in range(7):
+            opt.step(train, val)
+        results["penalty_optimizer"] = (opt.params["w"], opt.hparams["log_l2"], opt.state_dict()["aux"][0])
         # Out of sync on purpose: rank 1 starts from other hparams; check_sync must notice.
         opt = make_optimizer(problem, parallel, {"log_l2": problem.lam + rank})
         try:

@@ -75,6 +75,15 @@ def test_data_parallel_equals_single_process_full_batch(ranks):
     assert torch.equal(w0, w1) and torch.equal(h0, h1) and n0 == n1 == 2
     torch.testing.assert_close(w0, reference.params["w"], atol=1e-10, rtol=0)
     torch.testing.assert_close(h0, reference.hparams["log_l2"], atol=1e-10, rtol=0)
+    # Penalty: the auxiliary weights are updated from averaged gradients, identical on every rank
+    reference = dist_worker.make_optimizer(problem, strategy=dist_worker.penalty_strategy())
+    for _ in range(7):
+        reference.step(full_train, full_val)
+    (w0, h0, u0), (w1, h1, u1) = ranks[0]["penalty_optimizer"], ranks[1]["penalty_optimizer"]
+    assert torch.equal(w0, w1) and torch.equal(h0, h1) and torch.equal(u0, u1)
+    torch.testing.assert_close(h0, reference.hparams["log_l2"], atol=1e-10, rtol=0)
+    torch.testing.assert_close(u0, reference.state_dict()["aux"][0], atol=1e-10, rtol=0)
+    assert not torch.equal(h0, dist_worker.make_optimizer(problem).hparams["log_l2"])  # it moved
 
 
 def test_unequal_shards_are_an_error_on_every_rank_unless_weighted(ranks):

@@ -1,0 +1,169 @@
+"""Penalty: the first-order value-function penalty hypergradient, against closed forms.
+
+Truth: ridge regression's hypergradient in closed form (tests/problems.py), the validation-optimal
+hyperparameter of a scalar ridge found by a 1-D search (tests/test_optimizer.py), and finite differences.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+import torchopt
+
+import bilevel
+from tests.problems import Ridge
+from tests.test_optimizer import ScalarRidge
+
+
+def _penalised_step(problem: Ridge, sigma: float) -> float:
+    """1/λ_max of the Hessian of L_T + L_V/σ: the step that makes gradient descent on u converge."""
+    Hv = problem.Xv.T @ problem.Xv / len(problem.Xv)
+    return 1.0 / float(torch.linalg.eigvalsh(problem.hessian() + Hv / sigma)[-1])
+
+
+def _relative_error(problem: Ridge, sigma: float, steps: int = 3000) -> float:
+    strategy = bilevel.Penalty(penalty=sigma, steps=steps, optimizer=torchopt.sgd(_penalised_step(problem, sigma)))
+    grads, info = bilevel.hypergradient(
+        problem.train_loss, problem.val_loss, problem.params(), problem.hparams(), problem.train_batch,
+        problem.val_batch, strategy,
+    )  # fmt: skip
+    assert info.strategy == "penalty" and info.hvps == 0 and info.gradients == 2 * steps + 3
+    truth = problem.hypergradient()
+    return float((Ridge.flat(grads) - truth).norm() / truth.norm())
+
+
+def test_the_error_falls_as_one_over_sigma_and_vanishes_at_large_sigma():
+    problem = Ridge.make()
+    sigmas = [1e2, 3e2, 1e3]
+    errors = [_relative_error(problem, s) for s in sigmas]
+    slope = (math.log(errors[-1]) - math.log(errors[0])) / (math.log(sigmas[-1]) - math.log(sigmas[0]))
+    assert -1.1 < slope < -0.9, (errors, slope)  # O(1/σ), as the theory says
+    assert _relative_error(problem, 1e7) < 1e-6
+
+
+def test_an_optimiser_with_penalty_reaches_the_validation_optimal_hyperparameter():
+    problem = ScalarRidge()
+    opt = problem.optimizer(strategy=bilevel.Penalty(penalty=100.0, steps=20, growth=1.0))
+    for _ in range(300 * opt.inner_steps):
+        opt.step(*problem.batches)
+    assert opt.hparams["log_l2"].item() == pytest.approx(problem.best_log_l2(), abs=2e-3)
+    assert opt.skipped_outer_steps == 0
+
+
+def _rbf_problem():
+    """An RBF-kernel model through torch.cdist's exact path, which has no double backward in torch 2.13."""
+    torch.manual_seed(0)
+    X, y = torch.randn(60, 3), torch.randn(60)
+    centres = torch.randn(4, 3)
+
+    def features(p, x):
+        return torch.exp(-torch.cdist(x, p["centres"], compute_mode="donot_use_mm_for_euclid_dist") ** 2)
+
+    def train_loss(p, h, b):
+        return ((features(p, b[0]) @ p["w"] - b[1]) ** 2).mean() + bilevel.weight_decay(p, h)
+
+    def val_loss(p, h, b):
+        return ((features(p, b[0]) @ p["w"] - b[1]) ** 2).mean()
+
+    params = {"centres": centres, "w": torch.zeros(4)}
+    return train_loss, val_loss, params, bilevel.log_decay_like(params, 1e-2), (X[:30], y[:30]), (X[30:], y[30:])
+
+
+def test_penalty_works_where_second_derivatives_do_not_exist():
+    train_loss, val_loss, params, hparams, train, val = _rbf_problem()
+    with pytest.raises(bilevel.DerivativeError, match="_cdist_backward"):
+        bilevel.hypergradient(train_loss, val_loss, params, hparams, train, val, bilevel.ConjugateGradient(5))
+    opt = bilevel.BilevelOptimizer(
+        train_loss, val_loss, params, hparams, inner=torchopt.adam(0.05), outer=torchopt.adam(0.05),
+        strategy=bilevel.Penalty(penalty=30.0, steps=10), inner_steps=10, seed=0,
+    )  # fmt: skip
+    for _ in range(200):
+        opt.step(train, val)
+    assert opt.hypersteps == 20 and opt.skipped_outer_steps == 0
+    assert not torch.equal(opt.hparams["w"], hparams["w"])
+    # At a trained w*, the estimate approaches the IFT hypergradient computed with first derivatives only
+    # (CG on finite-difference HVPs, a different path) as O(1/σ).
+    ws = {k: v.clone().requires_grad_() for k, v in params.items()}
+    lbfgs = torch.optim.LBFGS(list(ws.values()), max_iter=500, tolerance_grad=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():
+        lbfgs.zero_grad()
+        loss = train_loss(ws, hparams, train)
+        loss.backward()
+        return loss
+
+    lbfgs.step(closure)
+    w_star = {k: v.detach() for k, v in ws.items()}
+    reference = bilevel.ConjugateGradient(200, tol=1e-12, hvp=bilevel.FiniteDifferenceHVP())
+    truth, info = bilevel.hypergradient(train_loss, val_loss, w_star, hparams, train, val, reference)
+    assert float(info.relative_residual) < 1e-10
+    truth_flat = torch.cat([t.reshape(-1) for t in truth.values()])
+    errors = []
+    for sigma in (1e2, 1e3):
+        strategy = bilevel.Penalty(penalty=sigma, steps=500, optimizer=torchopt.adam(1e-2))
+        grads, _ = bilevel.hypergradient(train_loss, val_loss, w_star, hparams, train, val, strategy)
+        flat = torch.cat([grads[k].reshape(-1) for k in truth])
+        errors.append(float((flat - truth_flat).norm() / truth_flat.norm()))
+    assert errors[1] < 0.03 and 5 < errors[0] / errors[1] < 20, errors  # 10× σ, ≈ 10× less bias
+
+
+def test_penalty_resumes_bitwise_mid_run_and_checkpoints_its_auxiliary_weights():
+    problem = ScalarRidge()
+
+    def make():
+        return problem.optimizer(strategy=bilevel.Penalty(penalty=50.0, steps=5, growth=0.5), inner=torchopt.adam(0.1))
+
+    straight, first = make(), make()
+    for _ in range(70):
+        straight.step(*problem.batches)
+    for _ in range(30):  # mid-window: 30 = 1 hyperstep + 10 inner steps
+        first.step(*problem.batches)
+    state = first.state_dict()
+    assert state["family"] == "AuxiliaryWeights" and state["aux_started"] is True
+    assert not torch.equal(state["aux"][0], state["params"][0])  # u is its own sequence
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    resumed = make()
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    for _ in range(40):
+        resumed.step(*problem.batches)
+    assert torch.equal(resumed.hparams["log_l2"], straight.hparams["log_l2"])
+    assert torch.equal(resumed.state_dict()["aux"][0], straight.state_dict()["aux"][0])
+    ift = problem.optimizer(strategy=bilevel.ConjugateGradient(5))
+    with pytest.raises(ValueError, match=r"saved by an optimiser whose strategy keeps 'AuxiliaryWeights' state"):
+        ift.load_state_dict(state)
+
+
+def test_non_finite_auxiliary_weights_are_refused_and_strict_raises():
+    problem = ScalarRidge()
+    # an auxiliary step far too large for the penalised problem: u blows up to inf within the hyperstep
+    strategy = bilevel.Penalty(penalty=10.0, steps=200, optimizer=torchopt.sgd(1e3))
+    opt = problem.optimizer(strategy=strategy, inner_steps=2)
+    with pytest.warns(RuntimeWarning, match="hyperstep 1 skipped: non-finite hypergradient or update"):
+        for _ in range(2):
+            opt.step(*problem.batches)
+    assert opt.skipped_outer_steps == 1 and torch.equal(opt.hparams["log_l2"], torch.tensor(0.0))
+    assert torch.isfinite(opt.state_dict()["aux"][0]).all()  # the old u was kept
+    strict = problem.optimizer(strategy=strategy, inner_steps=2, strict=True)
+    strict.step(*problem.batches)
+    with pytest.raises(bilevel.NonFiniteError, match="hyperstep 1"):
+        strict.step(*problem.batches)
+
+
+def test_bad_penalty_arguments_are_named():
+    with pytest.raises(ValueError, match=r"`Penalty\(penalty=0\)`: penalty must be a finite number > 0"):
+        bilevel.Penalty(penalty=0)
+    with pytest.raises(ValueError, match=r"`Penalty\(steps=0\)`"):
+        bilevel.Penalty(penalty=1.0, steps=0)
+    with pytest.raises(TypeError, match=r"`Penalty\(optimizer=0.1\)`"):
+        bilevel.Penalty(penalty=1.0, optimizer=0.1)
+    problem = Ridge.make()
+    with pytest.raises(ValueError, match=r"`Penalty\(penalty, steps, optimizer=None\)` in `hypergradient`"):
+        bilevel.hypergradient(
+            problem.train_loss, problem.val_loss, problem.params(), problem.hparams(), problem.train_batch,
+            problem.val_batch, bilevel.Penalty(penalty=10.0),
+        )  # fmt: skip
