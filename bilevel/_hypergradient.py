@@ -305,7 +305,7 @@ def hypergradient(
                 "uses its inner optimiser's configuration and needs none.)"
             )
         transformation = Transformation(strategy.optimizer, problem.params_spec, w)
-        aux = PenaltyRun(w, transformation.init(w), False)
+        aux = PenaltyRun.start(w, transformation)
         grads, info, _ = penalty_hypergradient(
             problem, w, h, s, train_batch, val_batch, aux, transformation, strategy.steps, strategy.penalty, seeds
         )
@@ -564,11 +564,19 @@ def _failed(
 
 @dataclasses.dataclass(frozen=True)
 class PenaltyRun:
-    """The auxiliary weights u of :class:`Penalty`, their optimiser state and whether it has started."""
+    """The auxiliary weights of :class:`Penalty`: u, its twin v, their optimiser states, whether started."""
 
     u: Leaves
     state: Any
+    v: Leaves
+    v_state: Any
     started: bool
+
+    @classmethod
+    def start(cls, w: Leaves, transformation: Transformation) -> PenaltyRun:
+        """u = v = w, fresh optimiser states."""
+        return cls(tuple(t.clone() for t in w), transformation.init(w), tuple(t.clone() for t in w),
+                   transformation.init(w), False)  # fmt: skip
 
 
 def penalty_hypergradient(
@@ -586,31 +594,34 @@ def penalty_hypergradient(
 ) -> tuple[list[Tensor], HypergradInfo, PenaltyRun]:
     r"""The value-function penalty hypergradient (see :class:`Penalty`), first derivatives only.
 
-    ``steps`` updates of u on L_T(u, λ) + L_V(u, λ)/σ, then ∂L_V/∂λ(u) + σ(∂L_T/∂λ(u) − ∂L_T/∂λ(w)).
-    Returns the hypergradient, its record and the new auxiliary state (the caller keeps it or not).
+    u starts at w + (u − v) of ``aux`` and its twin v at w; ``steps`` updates on the same batches, u on
+    L_T + L_V/σ and v on L_T alone; then ∂L_V/∂λ(u) + σ(∂L_T/∂λ(u) − ∂L_T/∂λ(v)). Returns the
+    hypergradient, its record and the new auxiliary state (the caller keeps it or not).
     """
-    u, state, started = aux.u, aux.state, aux.started
+    u = _tree.add(w, _tree.add(aux.u, aux.v, -1.0), 1.0)  # re-anchored at the current weights
+    v, u_state, v_state, started = tuple(w), aux.state, aux.v_state, aux.started
     for _ in range(steps):
         (g_t,), _, _ = problem.value_and_grad(problem.train_loss, train_batch, u, h, (0,), s, seeds.train)
         (g_v,), _, _ = problem.value_and_grad(problem.val_loss, val_batch, u, h, (0,), s, seeds.val)
-        u, state = transformation.apply(_tree.add(g_t, g_v, 1.0 / sigma), state, u, started=started)
+        (g_w,), _, _ = problem.value_and_grad(problem.train_loss, train_batch, v, h, (0,), s, seeds.train)
+        u, u_state = transformation.apply(_tree.add(g_t, g_v, 1.0 / sigma), u_state, u, started=started)
+        v, v_state = transformation.apply(g_w, v_state, v, started=started)
         started = True
     # (w and λ both: a loss that does not depend on λ still has a graph through the weights)
     (_, gv_h), val, _ = problem.value_and_grad(problem.val_loss, val_batch, u, h, (0, 1), s, seeds.val)
     (_, gt_u), _, _ = problem.value_and_grad(problem.train_loss, train_batch, u, h, (0, 1), s, seeds.train)
-    (_, gt_w), _, _ = problem.value_and_grad(problem.train_loss, train_batch, w, h, (0, 1), s, seeds.train)
-    grads = _tree.add(gv_h, _tree.add(gt_u, gt_w, -1.0), sigma)  # ∂L_V/∂λ(u) + σ (∂L_T/∂λ(u) − ∂L_T/∂λ(w))
-    gap = _tree.norm(_tree.add(u, w, -1.0))
+    (_, gt_v), _, _ = problem.value_and_grad(problem.train_loss, train_batch, v, h, (0, 1), s, seeds.train)
+    grads = _tree.add(gv_h, _tree.add(gt_u, gt_v, -1.0), sigma)  # ∂L_V/∂λ(u) + σ (∂L_T/∂λ(u) − ∂L_T/∂λ(v))
     info = HypergradInfo(
         strategy="penalty",
         hvps=0,
         val_loss=val,
         grad_norm=_tree.norm(grads),
         penalty=sigma,
-        gradients=2 * steps + 3,
-        gap=gap,
+        gradients=3 * steps + 3,
+        gap=_tree.norm(_tree.add(u, v, -1.0)),
     )
-    return grads, info, PenaltyRun(tuple(u), state, started)
+    return grads, info, PenaltyRun(tuple(u), u_state, tuple(v), v_state, started)
 
 
 @dataclasses.dataclass(frozen=True)

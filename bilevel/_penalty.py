@@ -1,11 +1,11 @@
 """The run-time bookkeeping of ``Penalty`` in a ``BilevelOptimizer``: the auxiliary weights.
 
-The auxiliary weights u of the value-function penalty start as a copy of the weights and persist from
-hyperstep to hyperstep with their own optimiser state (by default the inner optimiser's configuration,
-so Adam's moments of u are not w's), each hyperstep continuing where the last one left u. They are
-part of the checkpoint, checked by the non-finite guard with everything else the hyperstep writes,
-and, being updated from averaged gradients, identical on every data-parallel rank.
-"""
+The auxiliary weights u and their twin v (see :class:`bilevel.Penalty`) start as copies of the weights,
+with optimiser states of their own (by default the inner optimiser's configuration, so Adam's moments
+of u are not w's). Each hyperstep re-anchors the pair at the current weights, v = w and
+u = w + (u − v), so the difference carries over while both follow the model. The pair and its states
+are part of the checkpoint, checked by the non-finite guard with everything else the hyperstep writes,
+and, being updated from averaged gradients, identical on every data-parallel rank."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from bilevel._tree import Leaves
 
 
 class AuxiliaryWeights(Family):
-    keys = ("aux", "aux_state", "aux_structure", "aux_started")
+    keys = ("aux", "aux_state", "aux_structure", "aux_twin", "aux_twin_state", "aux_twin_structure", "aux_started")
 
     def __init__(self, problem: Problem, inner: Transformation, strategy: Penalty) -> None:
         super().__init__(problem, inner, strategy)
@@ -32,7 +32,7 @@ class AuxiliaryWeights(Family):
     def initial(self, w: Leaves, inner_state: Any) -> PenaltyRun:
         if self.strategy.optimizer is not None:
             self.transformation = Transformation(self.strategy.optimizer, self.problem.params_spec, w)
-        return PenaltyRun(tuple(t.clone() for t in w), self.transformation.init(w), False)
+        return PenaltyRun.start(w, self.transformation)
 
     def hypergradient(self, run: RunState, train_batch: Any, val_batch: Any, scheduled: bool) -> Hyper:
         sigma = self.strategy.sigma(run.hypersteps)
@@ -40,18 +40,24 @@ class AuxiliaryWeights(Family):
             self.problem, run.w, run.h, run.s, train_batch, val_batch, run.family, self.transformation,
             self.strategy.steps, sigma, self.seeds(run),
         )  # fmt: skip
-        return Hyper(grads, info, aux, written=(*aux.u, *float_leaves(aux.state)))
+        written = (*aux.u, *float_leaves(aux.state), *aux.v, *float_leaves(aux.v_state))
+        return Hyper(grads, info, aux, written=written)
 
     def to_dict(self, aux: PenaltyRun) -> dict[str, Any]:
         return {
             "aux": list(aux.u),
             "aux_state": _checkpoint.leaves(aux.state),
             "aux_structure": describe(aux.state),
+            "aux_twin": list(aux.v),
+            "aux_twin_state": _checkpoint.leaves(aux.v_state),
+            "aux_twin_structure": describe(aux.v_state),
             "aux_started": aux.started,
         }
 
     def from_dict(self, saved: dict[str, Any], like: RunState) -> PenaltyRun:
         _checkpoint.check_tensors(saved["aux"], like.w, "aux")
+        _checkpoint.check_tensors(saved["aux_twin"], like.w, "aux_twin")
         state = _checkpoint.optimizer_state(saved, "aux", like.family.state)
+        v_state = _checkpoint.optimizer_state(saved, "aux_twin", like.family.v_state)
         _checkpoint.check_type(saved["aux_started"], bool, "aux_started")
-        return PenaltyRun(tuple(saved["aux"]), state, saved["aux_started"])
+        return PenaltyRun(tuple(saved["aux"]), state, tuple(saved["aux_twin"]), v_state, saved["aux_started"])

@@ -407,26 +407,36 @@ class Penalty:
     The bilevel problem is the constrained one \(\min_{\lambda, u} L_V(u, \lambda)\) subject to
     \(L_T(u, \lambda) \le \min_v L_T(v, \lambda)\). Its penalty with weight σ,
     \(L_V(u, \lambda) + \sigma\,(L_T(u, \lambda) - L_T(w^*(\lambda), \lambda))\), has, at its minimiser
-    \(u^*_\sigma = rg\min_u L_T(u, \lambda) + L_V(u, \lambda)/\sigma\) and by the envelope theorem for
+    \(u^*_\sigma = \arg\min_u L_T(u, \lambda) + L_V(u, \lambda)/\sigma\) and by the envelope theorem for
     \(\min_v L_T\), the gradient
 
     $$
-    rac{dL_V}{d\lambda} pprox rac{\partial L_V}{\partial\lambda}(u, \lambda)
-      + \sigma\Big(rac{\partial L_T}{\partial\lambda}(u, \lambda)
-      - rac{\partial L_T}{\partial\lambda}(w, \lambda)\Big).
+    \frac{dL_V}{d\lambda} \approx \frac{\partial L_V}{\partial\lambda}(u, \lambda)
+      + \sigma\Big(\frac{\partial L_T}{\partial\lambda}(u, \lambda)
+      - \frac{\partial L_T}{\partial\lambda}(w, \lambda)\Big).
     $$
 
     With \(u = u^*_\sigma\) and \(w = w^*\): \(u^*_\sigma - w^* = -H^{-1}\partial L_V/\partial w\,/\sigma
-    + O(1/\sigma^2)\), so the bracket times σ is \(-(\partial^2 L_T/\partial w\partial\lambda^	op)^	op
-    H^{-1}\partial L_V/\partial w + O(1/\sigma)\): the IFT hypergradient up to an O(1/σ) bias. The
-    auxiliary weights u start at w and take ``steps`` updates of the auxiliary optimiser on
-    \(L_T(u, \lambda) + L_V(u, \lambda)/\sigma\) per hypergradient; only gradients are taken (2·``steps``
-    + 3 per hypergradient), so it works with every model that trains with ``loss.backward()``: fused
-    kernels without double backward, ``torch.compile``, ``weight_norm``, and models too large for an
-    HVP's retained graph. What σ trades: a small σ biases the estimate (O(1/σ)); a large one makes u
-    hard to place — the bracket is a difference of nearly equal gradients, multiplied by σ, so u must sit
-    at its minimiser to ~1/σ² for an accurate result, and errors of w (not quite at w*) are amplified
-    by σ too.
+    + O(1/\sigma^2)\), so the bracket times σ is \(-(\partial^2 L_T/\partial w\partial\lambda^\top)^\top
+    H^{-1}\partial L_V/\partial w + O(1/\sigma)\): the IFT hypergradient up to an O(1/σ) bias.
+
+    The bracket is a difference of nearly equal gradients multiplied by σ, so anything in u − w that is
+    not the O(1/σ) displacement is amplified by σ: w not quite at w*, or u fitted to the hyperstep's
+    batch while w was fitted to many (with mini-batches the plain estimate diverges once σ is large:
+    on benchopt's quadratic with batches of 64 it does from σ = 10). Hence a twin: u and v take the
+    same ``steps`` updates of the auxiliary optimiser on the same batches, u on
+    \(L_T + L_V/\sigma\) and v on \(L_T\) alone, and the bracket is taken between them,
+    \(\sigma(\partial L_T/\partial\lambda(u) - \partial L_T/\partial\lambda(v))\). Whatever the two
+    share (the fit to the batch, w's distance to w*) cancels; what differs is the L_V/σ pull. For a
+    quadratic L_T and SGD with rate η, \(\sigma(u - v)\) after K steps from the same start is
+    \(-\eta\sum_{k<K}(I - \eta H)^k\,\partial L_V/\partial w\), K terms of the Neumann series,
+    up to L_V's gradient changing along u's path (O(1/σ)); carried over hypersteps, the terms add up.
+    Only gradients are taken (3·``steps`` + 3 per hypergradient), so it works with every model that
+    trains with ``loss.backward()``: fused kernels without double backward, ``torch.compile``,
+    ``weight_norm``, and models too large for an HVP's retained graph. What σ trades: a small σ biases
+    the estimate (O(1/σ) from L_T's curvature changing between v and u); a large one makes the
+    difference u − v small beside rounding (float32's 1e-7 relative, times σ) and its O(1/σ²)
+    remainder slow to reach.
 
     Args:
         penalty: σ > 0.
@@ -434,8 +444,9 @@ class Penalty:
         optimizer: the auxiliary optimiser (a torchopt ``GradientTransformation``). Required by the
             functional [`hypergradient`][bilevel.hypergradient]; in
             [`BilevelOptimizer`][bilevel.BilevelOptimizer] ``None`` uses the inner optimiser's
-            configuration with its own state, and u and that state persist from hyperstep to hyperstep
-            (warm: each hyperstep continues where the last one left u).
+            configuration, with states of its own for u and v. There the difference u − v persists from
+            hyperstep to hyperstep: each hyperstep starts v at the current weights and u at v + (u − v)
+            of the last one.
         growth: in a ``BilevelOptimizer``, σ at hyperstep t is ``penalty · (1 + t) ** growth``: F²SA lets
             σ grow with the iteration so that the O(1/σ) bias vanishes while early hypersteps, far from a
             minimum, stay well conditioned. 0 keeps σ fixed.
