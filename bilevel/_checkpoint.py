@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import optree
+import torch
 from torch import Tensor
 
 from bilevel._transform import describe, leaf_kinds
@@ -47,6 +48,14 @@ class RunState:
 
     def replace(self, **changes: Any) -> RunState:
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def start(
+        cls, w: Leaves, h: Leaves, s: Leaves, seed: int, inner_state: Any, outer_state: Any, family: Any
+    ) -> RunState:
+        """A run before its first step: nothing started, every counter at zero."""
+        skipped = torch.zeros((), dtype=torch.int64, device=w[0].device)
+        return cls(w, h, s, seed, inner_state, outer_state, False, False, 0, 0, skipped, 0, 0, family)
 
 
 # ----------------------------------------------------------------------------------- saving

@@ -598,7 +598,7 @@ def penalty_hypergradient(
     L_T + L_V/σ and v on L_T alone; then ∂L_V/∂λ(u) + σ(∂L_T/∂λ(u) − ∂L_T/∂λ(v)). Returns the
     hypergradient, its record and the new auxiliary state (the caller keeps it or not).
     """
-    u = _tree.add(w, _tree.add(aux.u, aux.v, -1.0), 1.0)  # re-anchored at the current weights
+    u: Leaves = tuple(_tree.add(w, _tree.add(aux.u, aux.v, -1.0), 1.0))  # re-anchored at the current weights
     v, u_state, v_state, started = tuple(w), aux.state, aux.v_state, aux.started
     for _ in range(steps):
         (g_t,), _, _ = problem.value_and_grad(problem.train_loss, train_batch, u, h, (0,), s, seeds.train)

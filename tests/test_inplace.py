@@ -61,7 +61,7 @@ def test_the_in_place_update_gives_torchopts_numbers_and_resumes_bitwise(name, m
         resumed.step(train, val)
     monkeypatch.setattr(_inplace.InPlaceUpdate, "matches", staticmethod(lambda *a: False))
     slow = make(ALIASES[name]())  # torchopt out of place, as before the in-place path existed
-    assert slow._inplace is None
+    assert slow._update.inplace is None
     for _ in range(12):
         slow.step(train, val)
     assert _same_state(fast.state_dict(), slow.state_dict()), name
@@ -69,7 +69,7 @@ def test_the_in_place_update_gives_torchopts_numbers_and_resumes_bitwise(name, m
 
 
 def test_the_common_optimisers_take_the_in_place_path():
-    taken = {name: make(factory())._inplace is not None for name, factory in ALIASES.items()}
+    taken = {name: make(factory())._update.inplace is not None for name, factory in ALIASES.items()}
     assert all(taken[name] for name in ("sgd", "sgd-momentum", "adam", "adamw", "rmsprop")), taken
 
 
@@ -92,7 +92,7 @@ def test_nothing_handed_out_changes_after_later_steps():
 def test_a_refused_update_changes_nothing():
     train, val = _data()
     opt = make(torchopt.adam(0.1))
-    assert opt._inplace is not None
+    assert opt._update.inplace is not None
     for _ in range(2):
         opt.step(train, val)
     before = _roundtrip(opt.state_dict())

@@ -296,7 +296,7 @@ def test_non_finite_inner_update_is_skipped(device_select):
         inner_steps=4,
     )
     # The path accelerators take (torch.where on device, warning deferred to the hyperstep), run on CPU.
-    opt._device_select = device_select
+    opt._update.device_select = device_select
     good, poisoned = (problem.X, problem.y, False), (problem.X, problem.y, True)
     opt.step(good, problem.batches[1])
     before = opt.state_dict()
