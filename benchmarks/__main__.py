@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import memory, report, suite
+from benchmarks import memory, quadratic, report, suite
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
             results[key] = getattr(suite, key)(cfg, log)
     results["meta"]["seconds"] = time.perf_counter() - start
     report.write(args.out, results)
-    log(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.md'}")
+    quadratic.plot(results["quadratic_bilevel"]["details"]["traces"], args.out / "quadratic.png")
+    log(f"wrote {args.out / 'bench.json'}, {args.out / 'bench.md'} and {args.out / 'quadratic.png'}")
     print((args.out / "bench.md").read_text())
     return results
 

@@ -30,6 +30,7 @@ KEYS = (
     "hvp_modes",
     "max_hparams",
     "bilevel_vs_plain_training",
+    "quadratic_bilevel",
 )
 
 
@@ -277,6 +278,30 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for mode, r in h["ratio_to_reverse"].items():
         lines.append(f"| {mode} | {h['ms'][mode]:.1f} | {r:.3f} | {h['rel_diff_to_reverse'][mode]:.1e} |")
+    q = results["quadratic_bilevel"]["details"]
+    lines += [
+        "",
+        f"## benchopt's quadratic bilevel problem (n = {q['n']}, d = {q['d']}, {q['hypersteps']} hypersteps × 10 "
+        f"inner steps, median of {q['seeds']} seeds)",
+        "",
+        "‖∇h‖² at the budget (the wall time of the fastest run) and after all hypersteps.",
+        "",
+        "| mode | strategy | at the budget | final | seconds | gradients + HVPs | outer step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for mode, row in q["summary"].items():
+        for name in row["ranking"]:
+            lines.append(
+                f"| {mode} ({row['budget_seconds']:.2f} s) | {name} | {_fmt(row['at_budget'][name])} | "
+                f"{_fmt(row['final_metric'][name])} | {row['seconds'][name]:.2f} | {row['oracles'][name]:.0f} | "
+                f"{row['outer_lr'][name]} |"
+            )
+    lines.append("")
+    for mode, row in q["summary"].items():
+        lines.append(
+            f"- {mode}: {row['winner']} wins, {_fmt(row['margin'])}× below {row['runner_up']} at the budget; it "
+            f"reached {row['runner_up']}'s value there {_fmt(row['speedup'])}× sooner."
+        )
     mh = results["max_hparams"]["details"]
     lines += [
         "",

@@ -16,7 +16,7 @@ import torch
 import torchopt
 
 import bilevel
-from benchmarks import baselines, cases, inrun, memory, problems, timing
+from benchmarks import baselines, cases, inrun, memory, problems, quadratic, timing
 from benchmarks.problems import Problem
 
 ALPHA = 1e-3  # Neumann step for the timing cases: small enough that 100 terms stay finite at init
@@ -37,6 +37,7 @@ class Config:
     unroll_steps: tuple[int, ...]
     unroll_mem_steps: tuple[int, ...]
     tta_widths: tuple[int, ...]
+    quadratic: tuple[int, int, int, int]  # hypersteps, seeds, n, d of benchopt's quadratic
     rounds: int
     min_time: float
     threads: int
@@ -62,6 +63,7 @@ class Config:
                 unroll_steps=(2,),
                 unroll_mem_steps=(2, 3),
                 tta_widths=(8, 3),
+                quadratic=(3, 1, 64, 16),
                 rounds=1,
                 min_time=0.0,
                 **common,
@@ -79,6 +81,7 @@ class Config:
                 unroll_steps=(5, 20),
                 unroll_mem_steps=(2, 20),
                 tta_widths=(64, 10),
+                quadratic=(60, 3, 1024, 100),
                 rounds=3,
                 min_time=0.03,
                 **common,
@@ -96,6 +99,7 @@ class Config:
             unroll_steps=(5, 20),
             unroll_mem_steps=(2, 10, 20, 50),
             tta_widths=(784, 10),
+            quadratic=(200, 5, 1024, 100),
             rounds=5,
             min_time=0.2,
             **common,
@@ -574,5 +578,27 @@ def bilevel_vs_plain_training(cfg: Config, log: Callable[[str], None]) -> dict[s
 
 
 # ------------------------------------------------------------- 9. HVPs to accuracy in a run
+def quadratic_bilevel(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
+    """benchopt's simulated quadratic: ‖∇h(x_t)‖² of every strategy in a BilevelOptimizer, full batch and
+    mini-batch 64, median over seeds (see :mod:`benchmarks.quadratic`)."""
+    hypersteps, seeds, n, d = cfg.quadratic
+    log(f"benchopt's quadratic (n = {n}, d = {d}): {hypersteps} hypersteps × {seeds} seeds per strategy and mode")
+    traces = quadratic.study(hypersteps, seeds, n=n, d=d)
+    summary = quadratic.summary(traces)
+    full = summary["full batch"]
+    return record(
+        full["at_budget"][full["winner"]],
+        f"‖∇h(x)‖², best strategy, full batch, at the wall time of the fastest run (median of {seeds} seeds)",
+        None,
+        None,
+        hypersteps=hypersteps,
+        seeds=seeds,
+        n=n,
+        d=d,
+        summary=summary,
+        traces=traces,
+    )
+
+
 def hvps_to_accuracy(cfg: Config, log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
     return inrun.hvps_to_accuracy(cfg, log)

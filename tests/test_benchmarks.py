@@ -33,6 +33,7 @@ KEYS = {
     "hvp_modes",
     "max_hparams",
     "bilevel_vs_plain_training",
+    "quadratic_bilevel",
 }
 
 
