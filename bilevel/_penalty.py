@@ -9,6 +9,7 @@ and, being updated from averaged gradients, identical on every data-parallel ran
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from bilevel import _checkpoint
@@ -19,6 +20,15 @@ from bilevel._problem import Problem
 from bilevel._strategies import Penalty
 from bilevel._transform import Transformation, describe, float_leaves
 from bilevel._tree import Leaves
+
+_NOT_LINEAR = (
+    "`strategy=Penalty(...)`: {what} normalises its update by the gradient (Adam, RMSProp and the like), "
+    "so the auxiliary pair's O(1/σ) pull towards L_V becomes a full-sized step and u − v no longer scales as "
+    "1/σ: over hypersteps the pair drifts and the hypergradient goes wrong (on the data-mixing recipe ‖u − v‖ "
+    "grew from 1 to 65 and the mixture moved onto the harmful domain). Give the pair a rule linear in the "
+    "gradient, e.g. Penalty(penalty, steps, optimizer=torchopt.sgd(lr)) or torchopt.sgd(lr, momentum=0.9), "
+    "whatever the inner optimiser is."
+)
 
 
 class AuxiliaryWeights(Family):
@@ -32,6 +42,10 @@ class AuxiliaryWeights(Family):
     def initial(self, w: Leaves, inner_state: Any) -> PenaltyRun:
         if self.strategy.optimizer is not None:
             self.transformation = Transformation(self.strategy.optimizer, self.problem.params_spec, w)
+        if not self.transformation.is_linear(w):
+            if self.strategy.optimizer is None:
+                raise ValueError(_NOT_LINEAR.format(what="the inner optimiser"))
+            warnings.warn(_NOT_LINEAR.format(what="Penalty(optimizer=...)"), RuntimeWarning, stacklevel=4)
         return PenaltyRun.start(w, self.transformation)
 
     def hypergradient(self, run: RunState, train_batch: Any, val_batch: Any, scheduled: bool) -> Hyper:

@@ -441,12 +441,15 @@ class Penalty:
     Args:
         penalty: σ > 0.
         steps: auxiliary updates per hypergradient, ≥ 1.
-        optimizer: the auxiliary optimiser (a torchopt ``GradientTransformation``). Required by the
-            functional [`hypergradient`][bilevel.hypergradient]; in
+        optimizer: the auxiliary optimiser (a torchopt ``GradientTransformation``), best linear in the
+            gradient (SGD, momentum): Adam-like rules normalise the update, so the O(1/σ) pull of
+            L_V/σ becomes a full-sized step and u − v stops scaling as 1/σ (only their fixed points are
+            right). Required by the functional [`hypergradient`][bilevel.hypergradient]; in
             [`BilevelOptimizer`][bilevel.BilevelOptimizer] ``None`` uses the inner optimiser's
-            configuration, with states of its own for u and v. There the difference u − v persists from
-            hyperstep to hyperstep: each hyperstep starts v at the current weights and u at v + (u − v)
-            of the last one.
+            configuration if it is linear (an adaptive one is refused; one given here that is not linear
+            is warned about), with states of its own for u and v. There the difference u − v persists
+            from hyperstep to hyperstep: each hyperstep starts v at the current weights and u at
+            v + (u − v) of the last one.
         growth: in a ``BilevelOptimizer``, σ at hyperstep t is ``penalty · (1 + t) ** growth``: F²SA lets
             σ grow with the iteration so that the O(1/σ) bias vanishes while early hypersteps, far from a
             minimum, stay well conditioned. 0 keeps σ fixed.

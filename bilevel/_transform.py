@@ -205,6 +205,25 @@ class Transformation:
             found = torch.autograd.grad(total, hh, allow_unused=True)
         return [i for i, g in enumerate(found) if g is not None]
 
+    def is_linear(self, like: Leaves) -> bool:
+        """Is the update linear in the gradient (SGD, momentum, Nesterov) rather than normalised by it
+        (Adam, RMSProp, Adagrad)? Two updates of g and of 2g from fresh states at zero weights (so that
+        weight decay drops out), compared; a factory is not probed (False)."""
+        if self.factory is not None:
+            return False
+        gen = torch.Generator(device=like[0].device).manual_seed(0)
+        g = [torch.randn(t.shape, generator=gen, dtype=t.dtype, device=t.device) for t in like]
+        zeros = tuple(torch.zeros_like(t) for t in like)
+
+        def two_updates(scale: float) -> list[Tensor]:
+            state, out = self.init(zeros), []
+            for started in (False, True):
+                new, state = self.apply([scale * t for t in g], state, zeros, started=started)
+                out += list(new)
+            return out
+
+        return all(torch.allclose(2 * a, b, rtol=1e-4, atol=0) for a, b in zip(two_updates(1.0), two_updates(2.0)))
+
     def apply_flat(self, grad: Tensor, state: Any, w: Tensor, *, started: bool) -> tuple[Tensor, Any]:
         """:meth:`apply` on the concatenated vector (flat layout only)."""
         (update,), state = self._update((grad,), state, (w,), started)

@@ -37,8 +37,8 @@ def make_optimizer(problem, distributed=None, hparams=None, strategy=None):
 
 
 def penalty_strategy():
-    """Penalty in an optimiser: auxiliary weights with the inner optimiser's configuration, a growing σ."""
-    return bilevel.Penalty(penalty=20.0, steps=5, growth=0.5)
+    """Penalty in an optimiser: auxiliary weights with their own SGD state, a growing σ."""
+    return bilevel.Penalty(penalty=20.0, steps=5, growth=0.5, optimizer=torchopt.sgd(0.3, momentum=0.5))
 
 
 def batchnorm_optimizer(distributed=None):

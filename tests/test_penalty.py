@@ -126,7 +126,7 @@ def test_penalty_works_where_second_derivatives_do_not_exist():
         bilevel.hypergradient(train_loss, val_loss, params, hparams, train, val, bilevel.ConjugateGradient(5))
     opt = bilevel.BilevelOptimizer(
         train_loss, val_loss, params, hparams, inner=torchopt.adam(0.05), outer=torchopt.adam(0.05),
-        strategy=bilevel.Penalty(penalty=30.0, steps=10), inner_steps=10, seed=0,
+        strategy=bilevel.Penalty(penalty=30.0, steps=10, optimizer=torchopt.sgd(0.1)), inner_steps=10, seed=0,
     )  # fmt: skip
     for _ in range(200):
         opt.step(train, val)
@@ -158,11 +158,22 @@ def test_penalty_works_where_second_derivatives_do_not_exist():
     assert errors[1] < 0.03 and 5 < errors[0] / errors[1] < 20, errors  # 10× σ, ≈ 10× less bias
 
 
+def test_an_auxiliary_rule_that_normalises_the_gradient_is_refused_as_default_and_warned_about_if_given():
+    """Adam's update does not scale with the gradient, so the pair's O(1/σ) pull would be a full step."""
+    problem = ScalarRidge()
+    with pytest.raises(ValueError, match=r"the inner optimiser normalises its update.*optimizer=torchopt\.sgd"):
+        problem.optimizer(strategy=bilevel.Penalty(penalty=10.0), inner=torchopt.adam(0.1))
+    with pytest.warns(RuntimeWarning, match=r"Penalty\(optimizer=...\) normalises its update"):
+        problem.optimizer(strategy=bilevel.Penalty(penalty=10.0, optimizer=torchopt.rmsprop(0.1)))
+    problem.optimizer(strategy=bilevel.Penalty(penalty=10.0), inner=torchopt.sgd(0.1, momentum=0.9))  # linear: fine
+
+
 def test_penalty_resumes_bitwise_mid_run_and_checkpoints_its_auxiliary_weights():
     problem = ScalarRidge()
 
     def make():
-        return problem.optimizer(strategy=bilevel.Penalty(penalty=50.0, steps=5, growth=0.5), inner=torchopt.adam(0.1))
+        strategy = bilevel.Penalty(penalty=50.0, steps=5, growth=0.5, optimizer=torchopt.sgd(0.3, momentum=0.5))
+        return problem.optimizer(strategy=strategy, inner=torchopt.adam(0.1))
 
     straight, first = make(), make()
     for _ in range(70):
