@@ -13,7 +13,8 @@ from types import ModuleType
 
 import numpy as np
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
 
 
 def load_recipe(name: str) -> ModuleType:
@@ -29,6 +30,14 @@ def load_recipe(name: str) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """Import ``benchmarks.<name>`` as ``python -m benchmarks`` sees it, from the repository root
+    (pytest's importlib mode does not put the root on ``sys.path``)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> Path:

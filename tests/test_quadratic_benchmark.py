@@ -11,7 +11,9 @@ import math
 
 import torch
 
-from benchmarks import quadratic
+from tests.recipe_helpers import load_benchmark
+
+quadratic = load_benchmark("quadratic")
 
 N, D, MU, L, L_CROSS = 512, 20, 0.1, 1.0, 0.1
 
