@@ -62,6 +62,7 @@ RECIPES = {
     "dropout_lstm": ["val_ppl", "test_ppl", "rates", "overfit_val_loss"],
     "hypercleaning": ["test_acc", "detection"],
     "learning_rates": ["test_acc", "learning_rates"],
+    "data_mixing": ["test_ppl", "learned", "peak_mem_bytes", "domains"],
 }
 
 

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import optree
 import torch
 import torch.distributed as dist
 from rich.console import Console
@@ -61,6 +62,43 @@ def require(
         value = getattr(args, flag)
         if not (math.isfinite(value) and value > 0):
             parser.error(f"--{flag.replace('_', '-')} {value}: must be a finite number > 0.")
+
+
+def subset_flag(parser: argparse.ArgumentParser, flag: str, text: str, choices: tuple[str, ...]) -> list[str]:
+    """``--flag a,b``: the comma-separated names, each one of ``choices`` and none twice, or
+    ``parser.error`` naming the flag."""
+    picked = [s.strip() for s in text.split(",") if s.strip()]
+    if not picked or any(s not in choices for s in picked) or len(set(picked)) != len(picked):
+        parser.error(f"--{flag} {text!r}: expected a comma-separated subset of {','.join(choices)}")
+    return picked
+
+
+def numbers_flag(text: str) -> list[float]:
+    """``--flag 0.1,0.3``: the comma-separated numbers, or a ValueError saying what was expected."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a comma-separated list of numbers") from None
+    if not values:
+        raise ValueError(f"{text!r}: expected at least one number")
+    return values
+
+
+def main(run: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The recipes' entry point: check ``--out`` and ``--device`` before any work, then
+    ``run(args, device)`` with one torch thread on CPU."""
+    device = prepare(args)
+    with one_thread(device.type == "cpu"):
+        return run(args, device)
+
+
+@torch.no_grad()
+def accuracy(predict: Any, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> float:
+    """Fraction of rows of ``x`` whose ``predict(x_chunk).argmax(-1)`` equals ``y`` (in chunks)."""
+    correct = sum(
+        int((predict(x[i : i + chunk]).argmax(-1) == y[i : i + chunk]).sum()) for i in range(0, len(x), chunk)
+    )
+    return correct / len(x)
 
 
 def prepare(args: argparse.Namespace) -> torch.device:
@@ -238,6 +276,50 @@ def _release_all() -> None:
 
 class Stop(Exception):
     """Raised by --stop-after K after K hyper-periods, simulating a kill (tests of --checkpoint)."""
+
+
+def step_peak_memory(opt: Any, train_batch: Any, val_batch: Any) -> int:
+    """Peak extra memory of one ``opt.step(train_batch, val_batch)`` (make it one that does a hyperstep).
+
+    CUDA: ``max_memory_allocated`` above the memory allocated before. CPU: the peak, over the step, of
+    the bytes torch's allocator handed out minus those it took back, from the allocation events
+    ``torch.profiler`` records (``profile_memory=True``): what the step's tensors needed, independent
+    of how the C allocator caches pages, so it is the same from run to run.
+    """
+    device = optree.tree_leaves(opt.params)[0].device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        opt.step(train_batch, val_batch)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step(train_batch, val_batch)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    now = peak = 0
+    for _, nbytes in events:
+        now += nbytes
+        peak = max(peak, now)
+    return peak
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence what C libraries write to file descriptor 2 (the profiler's start/stop log lines)."""
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -1,4 +1,6 @@
-"""Offline text for the language-model recipe: a corpus, a vocabulary, a PTB loader and batchify.
+"""Offline text for the language-model recipes: corpora, a vocabulary, a PTB loader, batchify, and
+the text domains of the data-mixing recipe (docstrings, prose and code of Python's standard library,
+or one folder of text files per domain).
 
 Nothing here downloads. The default corpus is the English text of Python's own documentation
 topics, shipped in the standard library as ``pydoc_data.topics`` (about 74 000 word tokens once
@@ -12,7 +14,11 @@ ends with an ``<eos>`` token, and a :class:`Vocabulary` built on the training sp
 
 from __future__ import annotations
 
+import ast
+import importlib
+import inspect
 import re
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -152,3 +158,87 @@ def batchify(ids: Tensor, batch_size: int) -> Tensor:
     if n < 2:
         raise ValueError(f"{len(ids)} tokens are too few for batch_size={batch_size} (need >= 2 per row).")
     return ids[: n * batch_size].reshape(batch_size, n)
+
+
+# ------------------------------------------------------------------------------ text domains
+
+# Pure-Python standard-library modules whose docstrings and source make the default domains.
+STDLIB_MODULES = tuple(
+    """argparse ast base64 bisect calendar cmd code codecs collections colorsys configparser contextlib copy csv
+    dataclasses datetime difflib dis doctest enum filecmp fileinput fnmatch fractions ftplib functools getopt gettext
+    glob gzip heapq hmac imaplib inspect ipaddress json locale logging lzma mailbox mimetypes numbers operator optparse
+    os pathlib pickle pkgutil platform plistlib poplib pprint profile pstats queue quopri random re reprlib sched
+    secrets selectors shelve shlex shutil smtplib socket socketserver statistics string stringprep struct subprocess
+    symtable tabnanny tarfile tempfile textwrap threading timeit token tokenize trace traceback types uuid warnings
+    wave weakref webbrowser zipapp zipfile zipimport""".split()
+)
+
+
+def docstrings(module: str) -> str:
+    """The docstrings of a standard-library module: its own, then those of its public classes, their
+    public methods and its public functions, in name order (``inspect.cleandoc``-ed, blank-line separated)."""
+    mod = importlib.import_module(module)
+    parts = [mod.__doc__] if mod.__doc__ else []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # (deprecated aliases warn when touched)
+        for name, obj in sorted(vars(mod).items()):
+            if name.startswith("_") or getattr(obj, "__module__", None) != module:
+                continue
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                parts.append(obj.__doc__ or "")
+            if inspect.isclass(obj):
+                parts += [
+                    f.__doc__ or ""
+                    for m, f in sorted(vars(obj).items())
+                    if not m.startswith("_") and inspect.isfunction(f)
+                ]
+    return "\n\n".join(inspect.cleandoc(p) for p in parts if p and p.strip())
+
+
+def source_code(module: str) -> str:
+    """A standard-library module's source with every docstring removed (``ast.unparse``: code only,
+    no comments). Needs the module's ``.py`` file, which CPython installs ship."""
+    try:
+        tree = ast.parse(inspect.getsource(importlib.import_module(module)))
+    except (OSError, TypeError) as err:
+        raise FileNotFoundError(f"no Python source for the standard-library module {module!r} ({err}); "
+                                f"pass --data-dir with your own text domains.") from None  # fmt: skip
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+                if isinstance(body[0].value.value, str):
+                    node.body = body[1:] or [ast.Pass()]
+    return ast.unparse(tree)
+
+
+def shuffle_within_lines(text: str, generator: torch.Generator) -> str:
+    """Every line's characters in a random order: the characters of ``text`` without its structure."""
+    lines = []
+    for line in text.split("\n"):
+        order = torch.randperm(len(line), generator=generator).tolist()
+        lines.append("".join(line[i] for i in order))
+    return "\n".join(lines)
+
+
+def read_domains(data_dir: str | Path) -> dict[str, str]:
+    """One domain per sub-folder of ``data_dir``: the UTF-8 text of its ``*.txt`` files, in name order,
+    newline-joined. Folders without text files are an error (an empty domain cannot be sampled)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"--data-dir {data_dir}: not a directory (expected one sub-folder per domain).")
+    domains: dict[str, str] = {}
+    for folder in sorted(p for p in data_dir.iterdir() if p.is_dir()):
+        files = sorted(folder.glob("*.txt"))
+        text = "\n".join(f.read_text(encoding="utf-8") for f in files)
+        if not text.strip():
+            raise ValueError(f"{folder}: no text in *.txt files; every domain folder needs some.")
+        domains[folder.name] = text
+    if len(domains) < 2:
+        raise ValueError(f"--data-dir {data_dir}: found {len(domains)} domain folder(s); a mixture needs at least 2.")
+    return domains
+
+
+def encode_bytes(text: str) -> Tensor:
+    """``text`` as its UTF-8 bytes, a 1-D uint8 tensor (a byte-level vocabulary of 256)."""
+    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).clone()

@@ -66,6 +66,7 @@ def _normalise(text: str) -> str:
     return "\n".join(line.rstrip() for line in text.strip("\n").splitlines())
 
 
+_INCLUDE = re.compile(r'--8<-- "[^"]+"\s*')  # a pymdownx.snippets include; tests/test_recipe_cores.py checks it
 _NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
 
 
@@ -102,6 +103,8 @@ def test_code_blocks_run(page: Path, tmp_path, monkeypatch):
     torch.set_default_dtype(torch.float32)  # what a reader's fresh interpreter has
     namespace: dict = {"__name__": "__docs__"}
     for line, _, code, expected in code_blocks(page.read_text(encoding="utf-8")):
+        if _INCLUDE.fullmatch(code):
+            continue  # a recipe's core, included from the script that its own tests run
         where = f"{page.relative_to(ROOT)}:{line}"
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):
