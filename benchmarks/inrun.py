@@ -151,6 +151,13 @@ def hvps_to_accuracy(cfg: Any, log: Callable[[str], None]) -> tuple[dict[str, An
 
 
 def _hessian(point: tuple) -> Tensor:
+    """The dense P×P training Hessian at ``point``, over the params in their insertion order.
+
+    recipes/hypergradient_accuracy.py holds the same few lines (``dense_hessian``). They stay apart:
+    bilevel exports no dense Hessian (``Exact``'s, ``bilevel._hypergradient.dense_hessian``, is private
+    and built from the batched HVPs of its operator), benchmarks import nothing from recipes/, and a
+    recipe must run copied with only recipe_common / recipe_data beside it.
+    """
     train_loss, _, params, hparams, train, _ = point
     names = list(params)
     sizes = [params[k].numel() for k in names]

@@ -1,40 +1,12 @@
 """Learn a data-augmentation network whose every weight is a hyperparameter (Section 5.4, Table 3, Fig 7).
 
-An augmentation network x̃ = f_λ(x, ε) — a small U-Net that sees the image plus one channel of
-N(0, 1) noise ε, with a residual connection from input to output and a zero-initialised last
-layer, so it starts as the identity — produces every example a classifier (a small ResNet, or
-with ``--classifier resnet18`` the paper's ResNet-18 with BatchNorm, an ``nn.Module`` driven through
-``bilevel.FunctionalModule``) is trained on. All U-Net weights λ are hyperparameters, tuned by BilevelOptimizer on the
-validation loss of the classifier evaluated on clean validation images:
-
-    L_T(w, λ) = CE(net_w(f_λ(x, ε)), y),        L_V(w) = CE(net_w(x_val), y_val).
-
-Because L_V does not involve λ, the hypergradient is all "indirect" — it reaches λ only through
-the mixed term (∂²L_T/∂w∂λ)ᵀ H⁻¹ ∂L_V/∂w (or through the unrolled inner updates).
-
-The noise makes L_T random. Here ε is drawn from an explicit ``torch.Generator`` and carried *in
-the batch* (x, y, ε), so L_T is a deterministic function of (w, λ, batch): the HVPs and mixed
-products of a hyperstep, and the unrolled updates that Unroll replays, all see the same ε, and a
-resumed run is bitwise identical.
-
-Compared, as in Table 3, with identical seeds over several restarts: no hyperparameter
-optimisation (the identity augmentation), ``Identity`` (T1 − T2), ``Neumann`` with 3 terms and
-``Unroll`` through the last 3 inner updates. Reported: validation and test accuracy (mean ± std),
-and the peak memory of one Neumann vs one unrolled hyperstep. On CUDA that is
-``torch.cuda.max_memory_allocated`` above the memory allocated before the step. On CPU it is
-measured in a fresh subprocess started with ``MALLOC_MMAP_THRESHOLD_=65536`` (so glibc returns
-large freed blocks to the OS and resident memory follows live tensor memory): the growth of peak
-resident memory (``VmHWM``, its mark reset just before) during one ``step()`` call that performs a
-hyperstep, above the resident memory just before it. It is a measurement of the process, so it
-varies slightly between runs and is not part of the resume guarantee.
-
-Data: scikit-learn's 8×8 digits by default; ``--dataset cifar10 --data-dir DIR`` (python pickle
-batches) or ``--dataset mnist`` read real files. Nothing is downloaded.
-
-``--checkpoint PATH`` saves the BilevelOptimizer state (with the BatchNorm statistics and the
-run's seed), the data generator's state, loop counters and all results so far every
-``--checkpoint-every`` hyper-periods (``--inner-steps`` inner steps each); rerunning with the same
-flags resumes and ends with the same numbers.
+A U-Net x̃ = f_λ(x, ε) sees the image and one channel of N(0, 1) noise and starts as the identity; a
+classifier is trained only on its outputs, and all the U-Net's weights λ are tuned by BilevelOptimizer
+on the classifier's loss on clean validation images. Compared over restarts with identical seeds: no
+tuning, Identity, Neumann(3) and Unroll(3) — validation and test accuracy, and the peak memory of one
+hyperstep. Data: scikit-learn's digits, or MNIST / CIFAR-10 files with --data-dir (nothing is
+downloaded); ``--checkpoint PATH`` resumes a killed run. The method, the choices behind it and the
+measured results: docs/recipes/augmentation.md.
 
 Run:  python recipes/augmentation.py [--quick] [--device cuda] [--dataset cifar10 --data-dir DIR]
 Writes ``results.json``, ``samples.png`` (Fig 7) and ``accuracy.png`` in ``--out``.
@@ -43,12 +15,14 @@ Writes ``results.json``, ``samples.png`` (Fig 7) and ``accuracy.png`` in ``--out
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,68 +45,7 @@ NAME = "augmentation"
 METHODS = ("no_ho", "identity", "neumann3", "unroll3")
 
 
-# ------------------------------------------------------------------------------ configuration
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = common.base_parser(NAME, "Learn a data-augmentation U-Net by implicit differentiation (Table 3, Fig 7).")
-    p.add_argument("--dataset", default="digits", choices=["digits", "mnist", "cifar10"], help="image data")
-    p.add_argument("--data-dir", type=Path, default=None, help="directory with MNIST IDX or CIFAR-10 pickle files")
-    p.add_argument("--restarts", type=int, default=None, help="random restarts per method")
-    p.add_argument("--steps", type=int, default=None, help="inner (classifier) steps per run")
-    p.add_argument("--inner-steps", type=int, default=5, help="inner steps per hyperstep (N, >= 3 for Unroll(3))")
-    p.add_argument("--width", type=int, default=None, help="channels of the first U-Net / ResNet stage")
-    p.add_argument(
-        "--classifier",
-        default="small",
-        choices=["small", "resnet18"],
-        help="classifier: the small ResNet (default) or the paper's ResNet-18 layout (for CIFAR-10 on a GPU)",
-    )
-    p.add_argument("--n-train", type=int, default=None, help="training examples (the rest of train is validation)")
-    p.add_argument("--checkpoint", type=Path, default=None, help="save/resume file")
-    p.add_argument("--checkpoint-every", type=int, default=10, help="hyper-periods between checkpoint saves")
-    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
-    p.add_argument("--measure-memory", default=None, choices=["neumann3", "unroll3"], help=argparse.SUPPRESS)
-    return p
-
-
-def config(args: argparse.Namespace) -> dict[str, Any]:
-    quick = args.quick
-    cfg = {
-        "restarts": _given(args.restarts, 2 if quick else 4),
-        "steps": _given(args.steps, 30 if quick else 600),
-        "inner_steps": args.inner_steps,
-        "width": _given(args.width, 4 if quick else 12),
-        "n_train": _given(args.n_train, 200 if quick else 500),
-        "n_val": 100 if quick else 300,
-        "batch": 32 if quick else 64,
-        "lr": 1e-2 if quick else 2e-3,
-        "hlr": 3e-3,
-        "alpha": 1e-2,  # Neumann / Identity step size (≈ 1/λ_max of the training Hessian; see docs)
-        "checkpoint_every": args.checkpoint_every,
-        "classifier": args.classifier,
-    }
-    for key in ("restarts", "steps", "inner_steps", "width", "n_train", "checkpoint_every"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise ValueError(f"`--{key.replace('_', '-')} {cfg[key]}`: must be an integer >= 1.")
-    if cfg["inner_steps"] < 3:
-        raise ValueError(f"`--inner-steps {cfg['inner_steps']}`: Unroll(3) needs >= 3 inner steps per hyperstep.")
-    if cfg["steps"] < cfg["inner_steps"]:
-        raise ValueError(f"`--steps {cfg['steps']}` must be >= `--inner-steps {cfg['inner_steps']}`.")
-    if args.stop_after is not None and (args.stop_after < 1 or args.checkpoint is None):
-        raise ValueError(f"`--stop-after {args.stop_after}`: must be an integer >= 1 and needs --checkpoint.")
-    if args.dataset != "digits" and args.data_dir is None:
-        raise ValueError(f"`--dataset {args.dataset}` reads files from disk: pass --data-dir pointing at your copy.")
-    return cfg
-
-
-def _given(value: Any, default: Any) -> Any:
-    return default if value is None else value
-
-
-# -------------------------------------------------------------------------------------- models
-
-
+# --8<-- [start:core]
 def _conv(c_out: int, c_in: int, k: int = 3, zero: bool = False) -> tuple[Tensor, Tensor]:
     bound = 1.0 / math.sqrt(c_in * k * k)
     w = torch.zeros(c_out, c_in, k, k) if zero else torch.empty(c_out, c_in, k, k).uniform_(-bound, bound)
@@ -140,9 +53,8 @@ def _conv(c_out: int, c_in: int, k: int = 3, zero: bool = False) -> tuple[Tensor
 
 
 def init_unet(channels: int, width: int) -> dict[str, Tensor]:
-    """Two-level U-Net on image + 1 noise channel; the output convolution starts at zero (identity)."""
-    c = width
-    p = {}
+    """λ: a two-level U-Net on image + 1 noise channel; the output convolution starts at zero (identity)."""
+    c, p = width, {}
     for name, shape in (
         ("enc1", (c, channels + 1)),
         ("enc2", (2 * c, c)),
@@ -162,6 +74,79 @@ def augment(lam: dict[str, Tensor], x: Tensor, eps: Tensor) -> Tensor:
     up = F.interpolate(h2, scale_factor=2.0, mode="nearest")
     h3 = F.relu(F.conv2d(torch.cat([up, h1], 1), lam["dec1.w"], lam["dec1.b"], padding=1))
     return x + F.conv2d(h3, lam["out.w"], lam["out.b"], padding=1)
+
+
+def losses(classifier: Callable) -> tuple[Callable, Callable]:
+    """L_T: cross-entropy on augmented examples, in train mode; L_V: on clean validation images, in eval mode
+    (λ enters it only through w). ``classifier(w, state, x, train)`` returns (logits, new state)."""
+
+    def train_loss(w: dict, lam: dict, batch: tuple, state: dict) -> tuple[Tensor, dict]:
+        x, y, eps = batch
+        logits, state = classifier(w, state, augment(lam, x, eps), train=True)
+        return F.cross_entropy(logits, y), state
+
+    def val_loss(w: dict, lam: dict, batch: tuple, state: dict) -> tuple[Tensor, dict]:
+        x, y = batch
+        logits, state = classifier(w, state, x, train=False)
+        return F.cross_entropy(logits, y), state
+
+    return train_loss, val_loss
+
+
+def next_batch(data: dict, cfg: dict, gen: torch.Generator, device: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(x, y, ε): the noise travels in the batch, so L_T is a deterministic function of (w, λ, batch) and the
+    HVPs, the mixed product and Unroll's replay of a hyperstep all see the same ε."""
+    idx = torch.randint(0, len(data["x"]), (cfg["batch"],), generator=gen)
+    x = data["x"][idx]
+    eps = torch.randn(x.shape[0], 1, *x.shape[2:], generator=gen)
+    return x.to(device), data["y"][idx].to(device), eps.to(device)
+
+
+def val_batch(data: dict, cfg: dict, gen: torch.Generator, device: str) -> tuple[Tensor, Tensor]:
+    idx = torch.randint(0, len(data["val_x"]), (cfg["batch"],), generator=gen)
+    return data["val_x"][idx].to(device), data["val_y"][idx].to(device)
+
+
+def make_optimizer(
+    classifier: Any, lam: dict, strategy: bilevel.Strategy, cfg: dict, seed: int, check: bool = False
+) -> bilevel.BilevelOptimizer:
+    """Adam on the classifier's weights (its ``state``, e.g. BatchNorm statistics, follows the inner steps),
+    Adam on the U-Net's weights λ, a hyperstep every cfg["inner_steps"] inner steps."""
+    return bilevel.BilevelOptimizer(
+        *losses(classifier),
+        classifier.params,
+        lam,
+        state=classifier.state,
+        inner=torchopt.adam(cfg["lr"], eps_root=1e-10),  # eps_root: finite derivatives of √v at v = 0 (Unroll)
+        outer=torchopt.adam(cfg["hlr"]),
+        strategy=strategy,
+        inner_steps=cfg["inner_steps"],
+        seed=seed,
+        check=check,
+    )
+
+
+def train(
+    opt: bilevel.BilevelOptimizer, data: dict, cfg: dict, gen: torch.Generator, device: str, tune: bool = True
+) -> Iterator[float]:
+    """Step ``opt`` to cfg["steps"] inner steps, with a validation batch for every hyperstep (``tune=False``:
+    inner steps only, the untuned baseline); yield the training loss after every hyper-period."""
+    N = opt.inner_steps
+    while opt.steps < cfg["steps"]:
+        for _ in range(N):
+            batch = next_batch(data, cfg, gen, device)
+            if not tune:
+                loss = opt.inner_step(batch)
+                continue
+            vb = val_batch(data, cfg, gen, device) if (opt.steps + 1) % N == 0 else None
+            loss = opt.step(batch, vb).loss
+        yield float(loss)
+
+
+# --8<-- [end:core]
+
+
+# ---------------------------------------------------------------------------------- classifiers
 
 
 def init_resnet(channels: int, width: int, classes: int = 10) -> dict[str, Tensor]:
@@ -254,21 +239,6 @@ class Classifier:
             return classify(w, x), state
         return self.module(w, state, x, train=train)
 
-    def losses(self) -> tuple[Any, Any]:
-        def train_loss(w: dict, lam: dict, batch: tuple, state: dict) -> tuple[Tensor, dict]:
-            """Cross-entropy of the classifier (train mode) on augmented examples; ε comes with the batch."""
-            x, y, eps = batch
-            logits, state = self(w, state, augment(lam, x, eps), train=True)
-            return F.cross_entropy(logits, y), state
-
-        def val_loss(w: dict, lam: dict, batch: tuple, state: dict) -> tuple[Tensor, dict]:
-            """Cross-entropy on clean validation images, eval mode (λ enters only through w)."""
-            x, y = batch
-            logits, state = self(w, state, x, train=False)
-            return F.cross_entropy(logits, y), state
-
-        return train_loss, val_loss
-
 
 def strategy_for(method: str, alpha: float) -> bilevel.Strategy:
     if method == "identity":
@@ -276,6 +246,66 @@ def strategy_for(method: str, alpha: float) -> bilevel.Strategy:
     if method == "unroll3":
         return bilevel.Unroll(steps=3)  # BilevelOptimizer differentiates through its own last 3 inner updates
     return bilevel.Neumann(steps=3, alpha=alpha)
+
+
+def build(
+    method: str, data: dict, cfg: dict, run_seed: int, device: str, check: bool = False
+) -> tuple[Classifier, bilevel.BilevelOptimizer]:
+    torch.manual_seed(run_seed)  # same classifier and U-Net initialisation for every method
+    channels = data["x"].shape[1]
+    net = Classifier(cfg["classifier"], channels, 2 * cfg["width"], device)
+    lam = {k: v.to(device) for k, v in init_unet(channels, cfg["width"]).items()}
+    return net, make_optimizer(net, lam, strategy_for(method, cfg["alpha"]), cfg, run_seed, check)
+
+
+# ------------------------------------------------------------------------------ configuration
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = common.base_parser(NAME, __doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="digits", choices=["digits", "mnist", "cifar10"], help="image data")
+    p.add_argument("--data-dir", type=Path, default=None, help="directory with MNIST IDX or CIFAR-10 pickle files")
+    p.add_argument("--restarts", type=int, default=None, help="random restarts per method")
+    p.add_argument("--steps", type=int, default=None, help="inner (classifier) steps per run")
+    p.add_argument("--inner-steps", type=int, default=5, help="inner steps per hyperstep (N, >= 3 for Unroll(3))")
+    p.add_argument("--width", type=int, default=None, help="channels of the first U-Net / ResNet stage")
+    p.add_argument(
+        "--classifier",
+        default="small",
+        choices=["small", "resnet18"],
+        help="classifier: the small ResNet (default) or the paper's ResNet-18 layout (for CIFAR-10 on a GPU)",
+    )
+    p.add_argument("--n-train", type=int, default=None, help="training examples (the rest of train is validation)")
+    common.checkpoint_flags(p, every=10)
+    p.add_argument("--measure-memory", default=None, choices=["neumann3", "unroll3"], help=argparse.SUPPRESS)
+    return p
+
+
+def config(args: argparse.Namespace) -> dict[str, Any]:
+    quick = args.quick
+    cfg = {
+        "restarts": common.given(args.restarts, 2 if quick else 4),
+        "steps": common.given(args.steps, 30 if quick else 600),
+        "inner_steps": args.inner_steps,
+        "width": common.given(args.width, 4 if quick else 12),
+        "n_train": common.given(args.n_train, 200 if quick else 500),
+        "n_val": 100 if quick else 300,
+        "batch": 32 if quick else 64,
+        "lr": 1e-2 if quick else 2e-3,
+        "hlr": 3e-3,
+        "alpha": 1e-2,  # Neumann / Identity step size (≈ 1/λ_max of the training Hessian; see docs)
+        "checkpoint_every": args.checkpoint_every,
+        "classifier": args.classifier,
+    }
+    common.check_counts(cfg, ("restarts", "steps", "inner_steps", "width", "n_train", "checkpoint_every"))
+    if cfg["inner_steps"] < 3:
+        raise ValueError(f"`--inner-steps {cfg['inner_steps']}`: Unroll(3) needs >= 3 inner steps per hyperstep.")
+    if cfg["steps"] < cfg["inner_steps"]:
+        raise ValueError(f"`--steps {cfg['steps']}` must be >= `--inner-steps {cfg['inner_steps']}`.")
+    common.check_stop_after(args)
+    if args.dataset != "digits" and args.data_dir is None:
+        raise ValueError(f"`--dataset {args.dataset}` reads files from disk: pass --data-dir pointing at your copy.")
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -294,53 +324,11 @@ def load_data(args: argparse.Namespace, cfg: dict) -> dict[str, Tensor]:
     return {"x": x[tr], "y": y[tr], "val_x": x[va], "val_y": y[va], "test_x": test_x, "test_y": test_y}
 
 
-def next_batch(data: dict, cfg: dict, gen: torch.Generator, device: str) -> tuple[Tensor, Tensor, Tensor]:
-    idx = torch.randint(0, len(data["x"]), (cfg["batch"],), generator=gen)
-    x = data["x"][idx]
-    eps = torch.randn(x.shape[0], 1, *x.shape[2:], generator=gen)
-    return x.to(device), data["y"][idx].to(device), eps.to(device)
-
-
-def val_batch(data: dict, cfg: dict, gen: torch.Generator, device: str) -> tuple[Tensor, Tensor]:
-    idx = torch.randint(0, len(data["val_x"]), (cfg["batch"],), generator=gen)
-    return data["val_x"][idx].to(device), data["val_y"][idx].to(device)
-
-
-@torch.no_grad()
 def accuracy(net: Classifier, w: dict, state: dict, x: Tensor, y: Tensor, device: str) -> float:
-    correct = 0
-    for i in range(0, len(x), 512):
-        logits, _ = net(w, state, x[i : i + 512].to(device), train=False)
-        correct += int((logits.argmax(1) == y[i : i + 512].to(device)).sum())
-    return correct / len(x)
-
-
-# -------------------------------------------------------------------------------- checkpoints
+    return common.accuracy(lambda chunk: net(w, state, chunk.to(device), train=False)[0], x, y.to(device), chunk=512)
 
 
 # ------------------------------------------------------------------------------------ training
-
-
-def build(
-    method: str, data: dict, cfg: dict, run_seed: int, device: str, check: bool = False
-) -> tuple[Classifier, bilevel.BilevelOptimizer]:
-    torch.manual_seed(run_seed)  # same classifier and U-Net initialisation for every method
-    channels = data["x"].shape[1]
-    net = Classifier(cfg["classifier"], channels, 2 * cfg["width"], device)
-    lam = {k: v.to(device) for k, v in init_unet(channels, cfg["width"]).items()}
-    opt = bilevel.BilevelOptimizer(
-        *net.losses(),
-        net.params,
-        lam,
-        state=net.state,
-        inner=torchopt.adam(cfg["lr"], eps_root=1e-10),  # eps_root: finite derivatives of √v at v = 0 (Unroll)
-        outer=torchopt.adam(cfg["hlr"]),
-        strategy=strategy_for(method, cfg["alpha"]),
-        inner_steps=cfg["inner_steps"],
-        seed=run_seed,
-        check=check,
-    )
-    return net, opt
 
 
 def run(method: str, restart: int, data: dict, cfg: dict, args: argparse.Namespace, ckpt: dict, track: Any) -> dict:
@@ -349,31 +337,14 @@ def run(method: str, restart: int, data: dict, cfg: dict, args: argparse.Namespa
     run_seed = args.seed + 1000 * restart
     net, opt = build(method, data, cfg, run_seed, device, check=args.check)
     gen = torch.Generator().manual_seed(run_seed + 1)  # data order and augmentation noise
+    key = f"{method}/{restart}"
     current = ckpt.get("current")
-    if current is not None and current["key"] == f"{method}/{restart}":
+    if current is not None and current["key"] == key:
         opt.load_state_dict(current["opt"])
         gen.set_state(current["gen"])
-    N = cfg["inner_steps"]
-    while opt.steps < cfg["steps"]:
-        for _ in range(N):
-            batch = next_batch(data, cfg, gen, device)
-            if method == "no_ho":
-                loss = opt.inner_step(batch)
-                continue
-            vb = val_batch(data, cfg, gen, device) if (opt.steps + 1) % N == 0 else None
-            loss = opt.step(batch, vb).loss
-        ckpt["periods"] += 1
-        track(f"{method}#{restart}", float(loss))
-        stopping = args.stop_after is not None and ckpt["periods"] >= args.stop_after
-        if ckpt["path"] is not None and (ckpt["periods"] % cfg["checkpoint_every"] == 0):
-            ckpt["current"] = {
-                "key": f"{method}/{restart}",
-                "opt": opt.state_dict(),
-                "gen": gen.get_state(),
-            }
-            common.save_checkpoint(ckpt["path"], _persist(ckpt))
-        if stopping:  # like a kill: whatever was not checkpointed is lost
-            raise common.Stop
+    for loss in train(opt, data, cfg, gen, device, tune=method != "no_ho"):
+        track(f"{method}#{restart}", loss)
+        common.end_period(ckpt, args, lambda: {"key": key, "opt": opt.state_dict(), "gen": gen.get_state()})
     common.print_check(opt, f"{method}#{restart}: ")
     w, state = opt.params, opt.state
     return {
@@ -381,10 +352,6 @@ def run(method: str, restart: int, data: dict, cfg: dict, args: argparse.Namespa
         "test_acc": accuracy(net, w, state, data["test_x"], data["test_y"], device),
         "hparams": {k: v.detach().cpu() for k, v in opt.hparams.items()},
     }
-
-
-def _persist(ckpt: dict) -> dict:
-    return {k: ckpt[k] for k in ("fingerprint", "periods", "done", "current")}
 
 
 # -------------------------------------------------------------------------------------- memory
@@ -412,7 +379,9 @@ def _reset_peak_rss() -> None:
 
 
 def measure_here(method: str, data: dict, cfg: dict, args: argparse.Namespace) -> int:
-    """Peak extra memory of one step() call that performs a hyperstep (see the module docstring)."""
+    """Peak extra memory of one step() call that performs a hyperstep: on CUDA the allocator's peak above
+    the memory allocated before it; on CPU (in the fresh subprocess of measure_memory) the growth of peak
+    resident memory above the resident memory before it. docs/recipes/augmentation.md says why."""
     device = args.device
     _, opt = build(method, data, cfg, args.seed, device)
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -420,12 +389,7 @@ def measure_here(method: str, data: dict, cfg: dict, args: argparse.Namespace) -
         opt.step(next_batch(data, cfg, gen, device), val_batch(data, cfg, gen, device))
     tb, vb = next_batch(data, cfg, gen, device), val_batch(data, cfg, gen, device)
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        opt.step(tb, vb)
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
+        return common.step_peak_memory(opt, tb, vb)
     _reset_peak_rss()
     before = _rss_bytes()
     opt.step(tb, vb)
@@ -433,6 +397,8 @@ def measure_here(method: str, data: dict, cfg: dict, args: argparse.Namespace) -
 
 
 def measure_memory(method: str, argv: list[str], args: argparse.Namespace, data: dict, cfg: dict) -> int:
+    """measure_here; on CPU in a fresh subprocess where glibc returns large freed blocks to the OS, so that
+    resident memory follows live tensor memory."""
     if torch.device(args.device).type == "cuda":
         return measure_here(method, data, cfg, args)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(torch.get_num_threads()))
@@ -517,50 +483,31 @@ def _std(xs: list[float]) -> float:
 # ---------------------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    child = args.measure_memory is not None  # the memory subprocess writes no files
-    # --out and --device are checked before any work
-    args.device = str(common.resolve_device(args.device) if child else common.prepare(args))
+def experiment(args: argparse.Namespace, device: torch.device, argv: list[str]) -> dict:
+    """Every method and restart (resuming from --checkpoint), the memory of a hyperstep, results and figures."""
+    args.device = str(device)
     cfg = config(args)
     data = load_data(args, cfg)
-    if child:  # child process of measure_memory()
-        peak = measure_here(args.measure_memory, data, cfg, args)
-        print(json.dumps({"peak_mem_bytes": peak}))
-        return {"peak_mem_bytes": peak}
-
-    fingerprint = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    for key in ("checkpoint", "stop_after", "out", "checkpoint_every", "measure_memory"):
-        fingerprint.pop(key)
-    ckpt: dict[str, Any] = {"fingerprint": fingerprint, "periods": 0, "done": {}, "current": None}
-    loaded = common.load_checkpoint(args.checkpoint, fingerprint)
-    if loaded is not None:
-        ckpt.update(loaded)
-    ckpt["path"] = args.checkpoint
+    ckpt = common.resume(args, "measure_memory")
     R = cfg["restarts"]
     per_run = math.ceil(cfg["steps"] / cfg["inner_steps"])
     start = time.perf_counter()
     with common.progress(f"{NAME} ({args.dataset})", total=per_run * R * len(METHODS)) as update:
         update(advance=ckpt["periods"])
-        try:
-            for restart in range(R):
-                for method in METHODS:
-                    key = f"{method}/{restart}"
-                    if key in ckpt["done"]:
-                        continue
-                    ckpt["done"][key] = run(
-                        method, restart, data, cfg, args, ckpt, lambda run, loss: update(run=run, loss=loss)
-                    )
-                    ckpt["current"] = None
-                    common.save_checkpoint(args.checkpoint, _persist(ckpt))
-        except common.Stop:
-            return {"stopped_after": ckpt["periods"]}
-    if "memory" not in ckpt["done"]:
-        ckpt["done"]["memory"] = {
-            m: measure_memory(m, _clean_argv(argv), args, data, cfg) for m in ("neumann3", "unroll3")
+
+        def track(label: str, loss: float) -> None:
+            update(run=label, loss=loss)
+
+        runs = {
+            f"{m}/{r}": functools.partial(run, m, r, data, cfg, args, ckpt, track) for r in range(R) for m in METHODS
         }
-        common.save_checkpoint(args.checkpoint, _persist(ckpt))
+        if not common.run_pending(ckpt, runs):
+            return {"stopped_after": ckpt["periods"]}
+
+    def memory() -> dict[str, int]:
+        return {m: measure_memory(m, _clean_argv(argv), args, data, cfg) for m in ("neumann3", "unroll3")}
+
+    common.run_pending(ckpt, {"memory": memory})
     done = ckpt["done"]
     n_hparams = sum(v.numel() for v in done["neumann3/0"]["hparams"].values())
     results = {
@@ -584,6 +531,19 @@ def main(argv: list[str] | None = None) -> dict:
         f"unroll3 {mem['unroll3'] / 2**20:.2f} MiB"
     )
     return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.measure_memory is not None:  # the subprocess of measure_memory(): it writes no files
+        args.device = str(common.resolve_device(args.device))
+        cfg = config(args)
+        peak = measure_here(args.measure_memory, load_data(args, cfg), cfg, args)
+        print(json.dumps({"peak_mem_bytes": peak}))
+        return {"peak_mem_bytes": peak}
+    # Not common.main: the recipe leaves torch's thread count alone (its numbers depend on it).
+    return experiment(args, common.prepare(args), argv)
 
 
 if __name__ == "__main__":

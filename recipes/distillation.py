@@ -1,33 +1,10 @@
 """Dataset distillation: Section 5.3 and Fig. 6 of Lorraine et al. (2020).
 
-Learn one synthetic image per class so that a logistic regression trained on those ten images
-alone classifies real data well. Every pixel of every synthetic image is a hyperparameter
-(10 × 64 = 640 for the 8×8 digits, 7 840 for MNIST, 30 720 for CIFAR-10). The synthetic images
-are the *training* set, all real labelled training data is the *validation* set:
-
-    L_T(w, X̃) = CE(X̃ W + b, [0, 1, …, 9]) + δ‖W‖²,        L_V(w) = CE(X W + b, y)   (real X, y).
-
-The pixels are unconstrained (no projection to [0, 1]); δ is a fixed weight decay, there so
-that w*(X̃) exists: without it, ten separable points send the weights to infinity and the implicit
-function theorem has no minimum to differentiate. ``bilevel.BilevelOptimizer`` runs Algorithm 1
-(warm-started inner Adam steps, then an IFT hyperstep) on the pixels, starting from blank images.
-
-Evaluation, as in the paper: train a *fresh* logistic regression from scratch on the ten distilled
-images only (the same L_T, minimised to convergence with L-BFGS) and measure its accuracy on
-held-out real test data. Baselines trained the same way: ten random real images, one per class,
-averaged over ``--draws`` draws; and all real training data.
-
-Defaults that differ from the paper's Adam 1e-4 / RMSprop 1e-2 (Appendix E), with the reason:
-
-* inner optimiser Adam **1e-2**: the IFT hypergradient assumes w ≈ w*(X̃), and the weights start
-  at zero and must keep up with the moving pixels using 10 steps per hyperstep. With Adam 1e-4 they
-  lag behind, and the default run ends at 0.857 test accuracy instead of 0.933.
-* hypergradient by conjugate gradients (``ConjugateGradient(maxiter=20)``), not the paper's
-  Neumann series: the inner problem is convex, so CG applies and, as Fig. 3 of the paper shows,
-  is more accurate per Hessian-vector product. ``--strategy neumann`` gives the paper's choice
-  (α = 1/λ_max by power iteration).
-
-The outer optimiser is the paper's RMSprop 1e-2.
+Learn one synthetic image per class, every pixel a hyperparameter, so that a logistic regression
+trained on those ten images alone classifies real data well: the synthetic images are the training
+set, all real labelled training data is the validation set. A fresh logistic regression trained on
+the distilled images is compared with ones trained on ten random real images and on all the data.
+Derivations, defaults and measured results: docs/recipes/distillation.md.
 
 Run:  python recipes/distillation.py [--quick] [--dataset digits|mnist|cifar10 --data-dir DIR]
 Data-parallel (each rank holds a shard of the real validation data; same updates as one process):
@@ -59,12 +36,17 @@ DTYPE = torch.float32
 N_CLASSES = 10
 
 
-# ---------------------------------------------------------------------------------------- problem
-
-
+# --8<-- [start:core]
 def logits(params: dict[str, Tensor], x: Tensor) -> Tensor:
     """Logistic regression (multinomial): flattened pixels times W plus b."""
     return x.flatten(1) @ params["weight"] + params["bias"]
+
+
+def zero_model(n_features: int, device: torch.device) -> dict[str, Tensor]:
+    return {
+        "weight": torch.zeros(n_features, N_CLASSES, dtype=DTYPE, device=device),
+        "bias": torch.zeros(N_CLASSES, dtype=DTYPE, device=device),
+    }
 
 
 def make_losses(weight_decay: float):
@@ -81,44 +63,71 @@ def make_losses(weight_decay: float):
     return train_loss, val_loss
 
 
-def zeros_like_model(n_features: int, device: torch.device) -> dict[str, Tensor]:
-    return {
-        "weight": torch.zeros(n_features, N_CLASSES, dtype=DTYPE, device=device),
-        "bias": torch.zeros(N_CLASSES, dtype=DTYPE, device=device),
-    }
-
-
-def fit_from_scratch(x: Tensor, y: Tensor, weight_decay: float, max_iter: int = 200) -> dict[str, Tensor]:
-    """A fresh logistic regression on (x, y): minimise CE + δ‖W‖² from zero with L-BFGS (convex, so
-    this reaches the unique minimiser w* that the distillation was optimised for)."""
-    x = x.detach()
-    w = {k: v.requires_grad_(True) for k, v in zeros_like_model(x[0].numel(), x.device).items()}
-    opt = torch.optim.LBFGS(
-        list(w.values()),
-        lr=1.0,
-        max_iter=max_iter,
-        tolerance_grad=1e-5,
-        tolerance_change=1e-10,
-        history_size=20,
-        line_search_fn="strong_wolfe",
+def distill(
+    train_x: Tensor, train_y: Tensor, args: argparse.Namespace, generator: torch.Generator, update: Any
+) -> tuple[bilevel.BilevelOptimizer, dict[str, list[float]]]:
+    """Algorithm 1 on the pixels of one image per class, all real training data (minibatches of it
+    when large) as the validation set: the optimiser (``opt.hparams["images"]``) and the losses."""
+    device = train_x.device
+    labels = torch.arange(N_CLASSES, device=device)
+    # Blank images to start. Zero is not a symmetric start: the mixed derivative ∂²L_T/∂W∂x̃_c carries
+    # each image's own label.
+    images = torch.zeros((N_CLASSES, *train_x.shape[1:]), dtype=DTYPE, device=device)
+    strategy = (
+        bilevel.ConjugateGradient(maxiter=20)
+        if args.strategy == "cg"
+        else bilevel.Neumann(steps=20, alpha="auto", refresh_every=10)
     )
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(logits(w, x), y) + weight_decay * w["weight"].pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return {k: v.detach() for k, v in w.items()}
-
-
-@torch.no_grad()
-def accuracy(params: dict[str, Tensor], x: Tensor, y: Tensor, chunk: int = 10_000) -> float:
-    correct = sum(
-        int((logits(params, x[i : i + chunk]).argmax(1) == y[i : i + chunk]).sum()) for i in range(0, len(x), chunk)
+    train_loss, val_loss = make_losses(args.weight_decay)
+    opt = bilevel.BilevelOptimizer(
+        train_loss,
+        val_loss,
+        zero_model(train_x[0].numel(), device),
+        {"images": images},
+        inner=torchopt.adam(args.inner_lr),
+        outer=torchopt.rmsprop(args.outer_lr),
+        strategy=strategy,
+        inner_steps=args.inner_steps,
+        # Under torchrun each rank takes a shard of the validation data (the synthetic training set is
+        # the same everywhere) and the optimiser averages over ranks, so all apply the same update;
+        # shard() weights each rank's mean loss by its share, so unequal shards average exactly.
+        distributed=bilevel.DataParallel(check_shards=False) if args.world > 1 else None,
+        check=args.check,
     )
-    return correct / len(x)
+    history: dict[str, list[float]] = {"hyperstep": [], "train_loss": [], "val_loss": []}
+    for _ in range(args.hypersteps):
+        if len(train_x) <= args.val_batch:
+            val_batch = (train_x, train_y)
+        else:
+            idx = torch.randint(len(train_x), (args.val_batch,), generator=generator).to(device)
+            val_batch = (train_x[idx], train_y[idx])
+        val_batch = recipe_common.shard(*val_batch, args.rank, args.world)
+        before = opt.hparams["images"]
+        for _ in range(args.inner_steps):
+            result = opt.step(labels, val_batch)
+        history["hyperstep"].append(opt.hypersteps)
+        history["train_loss"].append(float(result.loss))
+        history["val_loss"].append(float(result.hyper.val_loss))
+        change = (opt.hparams["images"] - before).pow(2).mean().sqrt()
+        update(train=history["train_loss"][-1], val=history["val_loss"][-1], pixel_step=float(change))
+    return opt, history
+
+
+# --8<-- [end:core]
+
+
+# ---------------------------------------------------------------------------------- evaluation
+
+
+def fit_from_scratch(x: Tensor, y: Tensor, weight_decay: float) -> dict[str, Tensor]:
+    """A fresh logistic regression on (x, y): the same L_T minimised from zero to convergence (convex,
+    so this reaches the unique minimiser w* that the distillation was optimised for)."""
+    train_loss, _ = make_losses(weight_decay)
+    return recipe_data.fit_lbfgs(train_loss, zero_model(x[0].numel(), x.device), {"images": x}, y, max_iter=200)
+
+
+def accuracy(params: dict[str, Tensor], x: Tensor, y: Tensor) -> float:
+    return recipe_common.accuracy(lambda chunk: logits(params, chunk), x, y, chunk=10_000)
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -161,6 +170,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    # Not recipe_common.main: torchrun's process group, and all threads for the large data sets.
     device = recipe_common.prepare(args)  # --out and --device checked before any work
     with recipe_common.distributed(device) as (args.rank, args.world, device):
         with recipe_common.one_thread(device.type == "cpu" and args.dataset == "digits"):
@@ -174,59 +184,15 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     train_x, train_y, test_x, test_y = recipe_data.load_images(args.dataset, args.data_dir)
     train_x, train_y = train_x.to(device, DTYPE), train_y.to(device)
     test_x, test_y = test_x.to(device, DTYPE), test_y.to(device)
-    n_features = train_x[0].numel()
-    labels = torch.arange(N_CLASSES, device=device)
-
-    # Hyperparameters: the pixels of one synthetic image per class, learned from blank images. Zero
-    # is not a symmetric start: the mixed derivative ∂²L_T/∂W∂x̃_c carries each image's own label.
-    images = torch.zeros((N_CLASSES, *train_x.shape[1:]), dtype=DTYPE, device=device)
-    strategy = (
-        bilevel.ConjugateGradient(maxiter=20)
-        if args.strategy == "cg"
-        else bilevel.Neumann(steps=20, alpha="auto", refresh_every=10)
-    )
-    train_loss, val_loss = make_losses(args.weight_decay)
-    opt = bilevel.BilevelOptimizer(
-        train_loss,
-        val_loss,
-        zeros_like_model(n_features, device),
-        {"images": images},
-        inner=torchopt.adam(args.inner_lr),
-        outer=torchopt.rmsprop(args.outer_lr),
-        strategy=strategy,
-        inner_steps=args.inner_steps,
-        # Under torchrun each rank takes a shard of the validation data (the synthetic training set is
-        # the same everywhere); the optimiser averages over ranks, so all apply the same update.
-        # shard() weights each rank's mean loss by its share, so unequal shards average exactly
-        distributed=bilevel.DataParallel(check_shards=False) if args.world > 1 else None,
-        check=args.check,
-    )
-
-    # All real labelled training data is the validation set; minibatches of it when it is large.
-    full_batch = len(train_x) <= args.val_batch
-    history: dict[str, list[float]] = {"hyperstep": [], "train_loss": [], "val_loss": []}
     lead = args.rank == 0  # under torchrun only rank 0 reports and writes files
     with recipe_common.progress(f"distilling {args.dataset}", args.hypersteps, enabled=lead) as update:
-        for _ in range(args.hypersteps):
-            if full_batch:
-                val_batch = (train_x, train_y)
-            else:
-                idx = torch.randint(len(train_x), (args.val_batch,), generator=generator).to(device)
-                val_batch = (train_x[idx], train_y[idx])
-            val_batch = recipe_common.shard(*val_batch, args.rank, args.world)
-            before = opt.hparams["images"]
-            for _ in range(args.inner_steps):
-                result = opt.step(labels, val_batch)
-            change = (opt.hparams["images"] - before).pow(2).mean().sqrt()
-            history["hyperstep"].append(opt.hypersteps)
-            history["train_loss"].append(float(result.loss))
-            history["val_loss"].append(float(result.hyper.val_loss))
-            update(train=history["train_loss"][-1], val=history["val_loss"][-1], pixel_step=float(change))
+        opt, history = distill(train_x, train_y, args, generator, update)
 
     distilled = opt.hparams["images"].detach()
     if not lead:
         return {}
     print("evaluating: fresh logistic regressions on distilled, random real and all training images ...")
+    labels = torch.arange(N_CLASSES, device=device)
     acc_distilled = accuracy(fit_from_scratch(distilled, labels, args.weight_decay), test_x, test_y)
     random_accs, example = [], None
     for _ in range(args.draws):

@@ -1,48 +1,13 @@
 """Tune an LSTM language model's regularisers by implicit differentiation (Section 5.5, Table 4, Fig 8).
 
-A word-level LSTM language model in the AWD-LSTM style (Merity et al., 2018), small by default,
-regularised by the seven hyperparameters of the paper:
-
-* variational dropout on the input (embedded words), on the hidden activations between LSTM
-  layers, and on the output of the last layer (one mask per sequence, shared over time);
-* embedding dropout (whole rows of the embedding matrix, i.e. word types, dropped for a batch);
-* DropConnect on the hidden-to-hidden weights (one mask per batch);
-* activation regularisation (AR, α·mean h²) and temporal activation regularisation
-  (TAR, β·mean (h_t − h_{t−1})²) on the last layer's output.
-
-Dropout rates are made differentiable with concrete (relaxed Bernoulli) dropout (Gal et al.,
-2017): with drop rate p = sigmoid(θ) and u ~ U(0, 1),
-
-    z = sigmoid((θ + log u − log(1 − u)) / t),        mask = (1 − z) / (1 − p),
-
-a smooth function of θ for fixed u. The uniform noise u is drawn from an explicit
-``torch.Generator`` and carried *in the batch*, so both losses are deterministic functions of
-(w, λ, batch): hypergradients are well defined and a resumed run is bitwise identical.
-``--rates global`` tunes the 7 scalars; ``--rates per-unit`` tunes one rate per embedding row,
-input unit, hidden unit, output unit and hidden-to-hidden weight (DropConnect) — many thousands.
-``--tune-weight-decay`` adds a per-weight decay to the tuned runs.
-
-Second derivatives through the LSTM. cuDNN's fused RNN kernel has no double backward, so
-``torch.nn.LSTM`` on CUDA breaks reverse-over-reverse HVPs. This recipe therefore writes the
-LSTM as a loop of plain torch ops (one matmul for the input projection of all time steps, then
-one small cell per step); torch.func differentiates that twice on every device and the default
-``bilevel.ReverseHVP`` is exact. ``--hvp finite-difference`` switches to
-``bilevel.FiniteDifferenceHVP`` (first derivatives only), which also works with fused kernels.
-
-Compared, as in Table 4: no hyperparameter optimisation (rates fixed at their initial 0.5, the
-paper's initialisation), tuned global rates, tuned many rates — validation and test perplexity.
-The Fig 8 check trains on 10 sequences with a separate, signed weight decay for every weight and
-tunes the decays on 10 validation sequences, recording the validation loss at every hyperstep
-(inner SGD, outer AdamW; ``overfit_train_loss`` says why).
-
-Data: the English text of Python's documentation topics (``pydoc_data.topics``, standard
-library; split 80/10/10), or Penn Treebank with ``--corpus ptb --data-dir DIR``
-(``ptb.train.txt``, ``ptb.valid.txt``, ``ptb.test.txt``). Nothing is downloaded.
-
-``--checkpoint PATH`` saves the BilevelOptimizer state (with its seed), the data/noise generator's
-state, the loop counters and all results so far every ``--checkpoint-every`` hyper-periods (one
-hyper-period = ``--inner-steps`` inner steps); rerunning with the same flags resumes there and
-finishes with the same numbers as an uninterrupted run.
+A word-level LSTM language model in the AWD-LSTM style, regularised by the paper's seven
+hyperparameters: concrete (relaxed Bernoulli) dropout on the embedding, input, hidden and output
+activations and DropConnect on the hidden-to-hidden weights, and the AR/TAR activation penalties. The
+rates are tuned by BilevelOptimizer as 7 scalars and as one per unit or weight, against the untuned
+model (Table 4: validation and test perplexity); the Fig 8 check tunes one decay coefficient per weight
+to drive down the loss on 10 validation sequences. Data: Python's documentation text (standard
+library), or Penn Treebank with --corpus ptb --data-dir DIR; ``--checkpoint PATH`` resumes a killed
+run. The method, the choices behind it and the measured results: docs/recipes/dropout_lstm.md.
 
 Run:  python recipes/dropout_lstm.py [--quick] [--device cuda] [--corpus ptb --data-dir DIR]
 Writes ``results.json``, ``rates.png`` (rate trajectories) and ``overfit.png`` in ``--out``.
@@ -51,9 +16,11 @@ Writes ``results.json``, ``rates.png`` (rate trajectories) and ``overfit.png`` i
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +28,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import optree
 import torch
 import torch.nn.functional as F
 import torchopt
@@ -77,91 +45,130 @@ RATES = ("embed", "input", "hidden", "output", "dropconnect")  # concrete-dropou
 TEMPERATURE = 0.1  # concrete relaxation temperature (Gal et al., 2017)
 
 
-# ------------------------------------------------------------------------------ configuration
+# --8<-- [start:core]
+def concrete_mask(theta: Tensor, u: Tensor) -> Tensor:
+    """Relaxed-Bernoulli keep mask scaled by 1/(1−p), p = sigmoid(θ) the drop rate, for uniforms u."""
+    theta = theta.clamp(-6.0, 6.0)  # keep p in [0.0025, 0.9975] so 1/(1−p) stays bounded
+    drop = torch.sigmoid((theta + torch.log(u) - torch.log1p(-u)) / TEMPERATURE)
+    return (1.0 - drop) / (1.0 - torch.sigmoid(theta))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = common.base_parser(NAME, "Tune LSTM dropout/AR/TAR hyperparameters by implicit differentiation (Table 4).")
-    p.add_argument("--corpus", default="pydoc", choices=["pydoc", "ptb"], help="text corpus (default pydoc)")
-    p.add_argument("--data-dir", type=Path, default=None, help="directory with ptb.{train,valid,test}.txt")
-    p.add_argument(
-        "--rates",
-        default="per-weight",
-        choices=["per-unit", "per-weight"],
-        help="granularity of the 'tuned_many' run: a rate per unit for every dropout, and for DropConnect "
-        "one per gate unit (per-unit) or one per hidden-to-hidden weight (per-weight, default)",
+def forward(params: dict, x: Tensor, hparams: dict | None = None, noise: dict | None = None):
+    """Logits (B, T, V), the dropped and the raw last-layer outputs; with ``noise`` (uniforms) dropout applies."""
+    L = sum(1 for k in params if k.startswith("w_hh"))
+
+    def keep(group: str, key: str | None = None, layer: int = 0) -> Tensor:  # a list: the rates of each layer
+        theta = hparams["rates"][group]
+        theta = theta[min(layer, len(theta) - 1)] if isinstance(theta, list) else theta
+        return concrete_mask(theta, noise[key or group])
+
+    embed = params["embed"]  # embedding dropout drops word types (rows); input/hidden/output: a mask per sequence
+    out = embed[x] if noise is None else (embed * keep("embed").unsqueeze(1))[x] * keep("input").unsqueeze(1)
+    for layer in range(L):
+        w_hh = params[f"w_hh{layer}"]
+        if noise is not None:
+            w_hh = w_hh * keep("dropconnect", f"dropconnect{layer}", layer)
+        out = lstm_layer(out, params[f"w_ih{layer}"], w_hh, params[f"b{layer}"])
+        if noise is not None and layer < L - 1:
+            out = out * keep("hidden", f"hidden{layer}", layer).unsqueeze(1)
+    dropped = out if noise is None else out * keep("output").unsqueeze(1)
+    return dropped @ embed.T + params["dec_b"], dropped, out  # decoder tied to the (undropped) embedding
+
+
+def train_loss(params: dict, hparams: dict, batch: tuple) -> Tensor:
+    """Cross-entropy under concrete dropout + AR + TAR (+ per-weight decay when tuned). The masks' uniforms come
+    with the batch: the loss is a deterministic function of (w, λ, batch)."""
+    x, y, noise = batch
+    logits, dropped, raw = forward(params, x, hparams, noise)
+    loss = cross_entropy(logits, y)
+    loss = loss + hparams["log_ar"].exp() * dropped.pow(2).mean()
+    loss = loss + hparams["log_tar"].exp() * (raw[:, 1:] - raw[:, :-1]).pow(2).mean()
+    return loss + weight_decay(params, hparams)
+
+
+def val_loss(params: dict, hparams: dict, batch: tuple) -> Tensor:
+    """Plain cross-entropy, no regularisation (the quantity the hyperparameters are tuned for)."""
+    return cross_entropy(forward(params, batch[0])[0], batch[1])
+
+
+def overfit_train_loss(params: dict, hparams: dict, batch: tuple) -> Tensor:
+    """Fig 8: cross-entropy plus a signed decay coefficient d_i on every weight, Σ d_i w_i², no dropout."""
+    x, y = batch
+    decay = sum((hparams["decay"][k] * v.pow(2)).sum() for k, v in params.items())
+    return cross_entropy(forward(params, x)[0], y) + decay
+
+
+def make_optimizer(
+    phase: str, params: dict, hparams: dict, cfg: dict, args: argparse.Namespace
+) -> bilevel.BilevelOptimizer:
+    """Table 4's runs: Adam with gradient clipping on the weights, Adam on λ. The Fig 8 check ("overfit"):
+    plain SGD inside, and outside AdamW, whose decay pulls the signed coefficients back towards 0."""
+    if phase == "overfit":
+        losses, inner_steps = (overfit_train_loss, val_loss), cfg["overfit_inner_steps"]
+        inner = torchopt.sgd(cfg["overfit_lr"])
+        outer = torchopt.adamw(cfg["overfit_hlr"], weight_decay=cfg["overfit_damping"])
+    else:
+        losses, inner_steps = (train_loss, val_loss), cfg["inner_steps"]
+        inner = torchopt.chain(torchopt.clip_grad_norm(1.0), torchopt.adam(cfg["lr"]))
+        outer = torchopt.adam(cfg["hlr"])
+    hvp = bilevel.FiniteDifferenceHVP() if args.hvp == "finite-difference" else bilevel.ReverseHVP()
+    return bilevel.BilevelOptimizer(
+        *losses,
+        params,
+        hparams,
+        inner=inner,
+        outer=outer,
+        strategy=bilevel.Neumann(steps=cfg["neumann"], alpha=1e-2, hvp=hvp),
+        inner_steps=inner_steps,
+        seed=args.seed,  # the losses draw no random numbers (the noise is in the batch); fixed anyway
+        check=args.check,
     )
-    p.add_argument("--tune-weight-decay", action="store_true", help="also tune a per-weight decay in tuned runs")
-    p.add_argument("--hvp", default="reverse", choices=["reverse", "finite-difference"], help="HVP operator")
-    p.add_argument("--embed", type=int, default=None, help="embedding size (= last LSTM layer size, tied decoder)")
-    p.add_argument("--hidden", type=int, default=None, help="hidden units of the first LSTM layer")
-    p.add_argument("--layers", type=int, default=2, help="LSTM layers (>= 2 so that hidden dropout exists)")
-    p.add_argument("--steps", type=int, default=None, help="inner (weight) steps per run")
-    p.add_argument("--inner-steps", type=int, default=10, help="inner steps per hyperstep (N)")
-    p.add_argument("--neumann", type=int, default=3, help="Neumann series terms")
-    p.add_argument("--overfit-hlr", type=float, default=0.01, help="hyper learning rate of the Fig 8 check")
-    p.add_argument(
-        "--overfit-damping",
-        type=float,
-        default=80.0,
-        help="Fig 8 check: decoupled decay of the outer AdamW on the decay coefficients (0 = plain Adam)",
-    )
-    p.add_argument("--checkpoint", type=Path, default=None, help="save/resume file")
-    p.add_argument("--checkpoint-every", type=int, default=5, help="hyper-periods between checkpoint saves")
-    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
-    return p
 
 
-def config(args: argparse.Namespace) -> dict[str, Any]:
-    """Sizes and budgets; --quick shrinks everything."""
-    quick = args.quick
-    cfg = {
-        "embed": _given(args.embed, 24 if quick else 48),
-        "hidden": _given(args.hidden, 32 if quick else 96),
-        "layers": args.layers,
-        "batch": 8 if quick else 32,
-        "bptt": 12 if quick else 30,
-        "steps": _given(args.steps, 40 if quick else 800),
-        "inner_steps": args.inner_steps,
-        "neumann": args.neumann,
-        "lr": 3e-3,
-        "hlr": 0.05 if quick else 0.03,
-        "init_rate": 0.5,  # paper: "a larger initialization of 0.5"
-        "ar": 2.0,
-        "tar": 1.0,  # AWD-LSTM's defaults
-        "wd": 1e-6,
-        "eval_rows": 10,
-        "overfit_seqs": 10,
-        "overfit_steps": 100 if quick else 400,
-        "overfit_inner_steps": 2,
-        "overfit_lr": 1.0,  # plain SGD: a coefficient d_i then scales w_i by (1 − 2·lr·d_i) per step
-        "overfit_hlr": args.overfit_hlr,
-        "overfit_damping": args.overfit_damping,
-        "max_tokens": 12000 if quick else None,  # quick: a slice of the corpus
-    }
-    for key in ("embed", "hidden", "steps", "inner_steps", "neumann", "layers", "checkpoint_every"):
-        value = cfg.get(key, getattr(args, key, None))
-        minimum = 2 if key == "layers" else 1
-        if not isinstance(value, int) or value < minimum:
-            raise ValueError(f"`--{key.replace('_', '-')} {value}`: must be an integer >= {minimum}.")
-    if cfg["steps"] < cfg["inner_steps"]:
-        raise ValueError(f"`--steps {cfg['steps']}` must be >= `--inner-steps {cfg['inner_steps']}`.")
-    if not (math.isfinite(args.overfit_hlr) and args.overfit_hlr > 0):
-        raise ValueError(f"`--overfit-hlr {args.overfit_hlr}`: must be > 0 (default 0.01).")
-    if not (math.isfinite(args.overfit_damping) and args.overfit_damping >= 0):
-        raise ValueError(f"`--overfit-damping {args.overfit_damping}`: must be >= 0 (default 80; 0 = plain Adam).")
-    if args.stop_after is not None and (args.stop_after < 1 or args.checkpoint is None):
-        raise ValueError(f"`--stop-after {args.stop_after}`: must be an integer >= 1 and needs --checkpoint.")
-    if args.corpus == "ptb" and args.data_dir is None:
-        raise ValueError("`--corpus ptb` needs `--data-dir DIR` holding ptb.train.txt, ptb.valid.txt, ptb.test.txt.")
-    return cfg
+def train(opt: bilevel.BilevelOptimizer, batches: Callable, steps: int, tune: bool = True) -> Iterator[tuple]:
+    """Step ``opt`` to ``steps`` inner steps on ``batches(hyperstep_due)`` -> (train, val batch or None), or only
+    inner steps (``tune=False``); yield every hyper-period's last training loss and hyperstep record."""
+    N = opt.inner_steps
+    while opt.steps < steps:
+        hyper = None
+        for _ in range(N):
+            train_batch, val_batch = batches(tune and (opt.steps + 1) % N == 0)
+            if not tune:
+                loss = opt.inner_step(train_batch)
+                continue
+            result = opt.step(train_batch, val_batch)
+            loss, hyper = result.loss, hyper if result.hyper is None else result.hyper
+        yield float(loss), hyper
 
 
-def _given(value: Any, default: Any) -> Any:
-    return default if value is None else value
+# --8<-- [end:core]
 
 
 # -------------------------------------------------------------------------------------- model
+
+
+def lstm_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, b: Tensor) -> Tensor:
+    """An LSTM over (B, T, in) from a zero state, in plain torch ops so torch.func can differentiate twice
+    (cuDNN's fused kernel has no double backward)."""
+    gates_x = x @ w_ih.T + b  # input projection of every time step at once
+    h = c = x.new_zeros(x.shape[0], w_hh.shape[1])
+    outs = []
+    for t in range(x.shape[1]):
+        i, f, g, o = (gates_x[:, t] + h @ w_hh.T).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outs.append(h)
+    return torch.stack(outs, dim=1)
+
+
+def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def weight_decay(params: dict, hparams: dict) -> Tensor:
+    if "log_wd" not in hparams:
+        return params["embed"].new_zeros(())
+    return bilevel.weight_decay(params, hparams["log_wd"])
 
 
 def init_params(vocab: int, cfg: dict, device: str) -> dict[str, Tensor]:
@@ -209,100 +216,6 @@ def init_hparams(params: dict[str, Tensor], cfg: dict, many: str | None, weight_
     if weight_decay:
         h["log_wd"] = {k: torch.full_like(v, math.log(cfg["wd"])) for k, v in params.items()}
     return h
-
-
-def concrete_mask(theta: Tensor, u: Tensor) -> Tensor:
-    """Relaxed-Bernoulli keep mask scaled by 1/(1−p); ``theta`` is the drop logit, broadcast against u."""
-    theta = theta.clamp(-6.0, 6.0)  # keep p in [0.0025, 0.9975] so 1/(1−p) stays bounded
-    drop = torch.sigmoid((theta + torch.log(u) - torch.log1p(-u)) / TEMPERATURE)
-    return (1.0 - drop) / (1.0 - torch.sigmoid(theta))
-
-
-def lstm_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, b: Tensor) -> Tensor:
-    """An LSTM over (B, T, in) from a zero state, in plain torch ops so torch.func can differentiate twice."""
-    B, T, _ = x.shape
-    H = w_hh.shape[1]
-    gates_x = x @ w_ih.T + b  # input projection of every time step at once
-    h = x.new_zeros(B, H)
-    c = x.new_zeros(B, H)
-    outs = []
-    for t in range(T):
-        i, f, g, o = (gates_x[:, t] + h @ w_hh.T).chunk(4, dim=1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
-        outs.append(h)
-    return torch.stack(outs, dim=1)
-
-
-def forward(params: dict, x: Tensor, hparams: dict | None = None, noise: dict | None = None):
-    """Logits (B, T, V); with ``noise`` also the dropped and raw last-layer outputs for AR/TAR."""
-    L = sum(1 for k in params if k.startswith("w_hh"))
-    embed = params["embed"]
-    r = hparams["rates"] if noise is not None else None
-    if r is not None:
-        embed_used = embed * concrete_mask(r["embed"], noise["embed"]).unsqueeze(1)
-        out = embed_used[x] * concrete_mask(r["input"], noise["input"]).unsqueeze(1)
-    else:
-        out = embed[x]
-    for layer in range(L):
-        w_hh = params[f"w_hh{layer}"]
-        if r is not None:
-            dc = r["dropconnect"]
-            w_hh = w_hh * concrete_mask(dc[min(layer, len(dc) - 1)], noise[f"dropconnect{layer}"])
-        out = lstm_layer(out, params[f"w_ih{layer}"], w_hh, params[f"b{layer}"])
-        if r is not None and layer < L - 1:
-            hid = r["hidden"]
-            out = out * concrete_mask(hid[min(layer, len(hid) - 1)], noise[f"hidden{layer}"]).unsqueeze(1)
-    raw = out
-    if r is not None:
-        out = out * concrete_mask(r["output"], noise["output"]).unsqueeze(1)
-    logits = out @ embed.T + params["dec_b"]  # decoder tied to the (undropped) embedding
-    return logits, out, raw
-
-
-def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-
-
-def train_loss(params: dict, hparams: dict, batch: tuple) -> Tensor:
-    """Cross-entropy under concrete dropout + AR + TAR (+ per-weight decay when tuned)."""
-    x, y, noise = batch
-    logits, dropped, raw = forward(params, x, hparams, noise)
-    loss = cross_entropy(logits, y)
-    loss = loss + hparams["log_ar"].exp() * dropped.pow(2).mean()
-    loss = loss + hparams["log_tar"].exp() * (raw[:, 1:] - raw[:, :-1]).pow(2).mean()
-    return loss + weight_decay(params, hparams)
-
-
-def weight_decay(params: dict, hparams: dict) -> Tensor:
-    if "log_wd" not in hparams:
-        return params["embed"].new_zeros(())
-    return bilevel.weight_decay(params, hparams["log_wd"])
-
-
-def val_loss(params: dict, hparams: dict, batch: tuple) -> Tensor:
-    """Plain cross-entropy, no regularisation (the quantity the hyperparameters are tuned for)."""
-    x, y = batch[0], batch[1]
-    return cross_entropy(forward(params, x)[0], y)
-
-
-def overfit_train_loss(params: dict, hparams: dict, batch: tuple) -> Tensor:
-    """Fig 8: cross-entropy plus a separate decay coefficient d_i on every weight, Σ d_i w_i², no dropout.
-
-    The coefficients are signed. Positive ones (the paper's d_i = e^{λ_i}) can only pull weights
-    towards 0, and at this width that cannot fit held-out text: even optimising a [0, 1] factor on
-    every weight directly against the validation loss stalls near the validation unigram entropy.
-    A signed d_i can also grow w_i, but then it acts as a growth rate: under plain SGD (the inner
-    optimiser of this check) the decay term alone gives w_i ← (1 − 2·lr·d_i)·w_i per step. An outer
-    optimiser that accumulates hypergradients into d_i then integrates twice (hypergradient → d_i →
-    log|w_i|) and overshoots until the weights blow up; the outer AdamW's decoupled decay
-    (``--overfit-damping``) pulls every d_i back to 0, so d_i follows the current hypergradient and
-    log|w_i| moves along it at about 2·lr·N/damping per hyperstep. docs/recipes/dropout_lstm.md has
-    the measurements.
-    """
-    x, y = batch
-    decay = sum((hparams["decay"][k] * v.pow(2)).sum() for k, v in params.items())
-    return cross_entropy(forward(params, x)[0], y) + decay
 
 
 # --------------------------------------------------------------------------------------- data
@@ -368,103 +281,126 @@ def rate_summary(hparams: dict) -> dict[str, float]:
     return out
 
 
-# -------------------------------------------------------------------------------- checkpoints
+# ------------------------------------------------------------------------------ configuration
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = common.base_parser(NAME, __doc__.split("\n\n")[0])
+    p.add_argument("--corpus", default="pydoc", choices=["pydoc", "ptb"], help="text corpus (default pydoc)")
+    p.add_argument("--data-dir", type=Path, default=None, help="directory with ptb.{train,valid,test}.txt")
+    p.add_argument(
+        "--rates",
+        default="per-weight",
+        choices=["per-unit", "per-weight"],
+        help="granularity of the 'tuned_many' run: a rate per unit for every dropout, and for DropConnect "
+        "one per gate unit (per-unit) or one per hidden-to-hidden weight (per-weight, default)",
+    )
+    p.add_argument("--tune-weight-decay", action="store_true", help="also tune a per-weight decay in tuned runs")
+    p.add_argument("--hvp", default="reverse", choices=["reverse", "finite-difference"], help="HVP operator")
+    p.add_argument("--embed", type=int, default=None, help="embedding size (= last LSTM layer size, tied decoder)")
+    p.add_argument("--hidden", type=int, default=None, help="hidden units of the first LSTM layer")
+    p.add_argument("--layers", type=int, default=2, help="LSTM layers (>= 2 so that hidden dropout exists)")
+    p.add_argument("--steps", type=int, default=None, help="inner (weight) steps per run")
+    p.add_argument("--inner-steps", type=int, default=10, help="inner steps per hyperstep (N)")
+    p.add_argument("--neumann", type=int, default=3, help="Neumann series terms")
+    p.add_argument("--overfit-hlr", type=float, default=0.01, help="hyper learning rate of the Fig 8 check")
+    p.add_argument(
+        "--overfit-damping",
+        type=float,
+        default=80.0,
+        help="Fig 8 check: decoupled decay of the outer AdamW on the decay coefficients (0 = plain Adam)",
+    )
+    common.checkpoint_flags(p, every=5)
+    return p
+
+
+def config(args: argparse.Namespace) -> dict[str, Any]:
+    """Sizes and budgets; --quick shrinks everything."""
+    quick = args.quick
+    cfg = {
+        "embed": common.given(args.embed, 24 if quick else 48),
+        "hidden": common.given(args.hidden, 32 if quick else 96),
+        "layers": args.layers,
+        "batch": 8 if quick else 32,
+        "bptt": 12 if quick else 30,
+        "steps": common.given(args.steps, 40 if quick else 800),
+        "inner_steps": args.inner_steps,
+        "neumann": args.neumann,
+        "lr": 3e-3,
+        "hlr": 0.05 if quick else 0.03,
+        "init_rate": 0.5,  # paper: "a larger initialization of 0.5"
+        "ar": 2.0,
+        "tar": 1.0,  # AWD-LSTM's defaults
+        "wd": 1e-6,
+        "eval_rows": 10,
+        "overfit_seqs": 10,
+        "overfit_steps": 100 if quick else 400,
+        "overfit_inner_steps": 2,
+        "overfit_lr": 1.0,  # plain SGD: a coefficient d_i then scales w_i by (1 − 2·lr·d_i) per step
+        "overfit_hlr": args.overfit_hlr,
+        "overfit_damping": args.overfit_damping,
+        "max_tokens": 12000 if quick else None,  # quick: a slice of the corpus
+    }
+    common.check_counts(cfg, ("embed", "hidden", "steps", "inner_steps", "neumann"))
+    common.check_counts(cfg, ("layers",), minimum=2)
+    common.check_counts(vars(args), ("checkpoint_every",))
+    if cfg["steps"] < cfg["inner_steps"]:
+        raise ValueError(f"`--steps {cfg['steps']}` must be >= `--inner-steps {cfg['inner_steps']}`.")
+    if not (math.isfinite(args.overfit_hlr) and args.overfit_hlr > 0):
+        raise ValueError(f"`--overfit-hlr {args.overfit_hlr}`: must be > 0 (default 0.01).")
+    if not (math.isfinite(args.overfit_damping) and args.overfit_damping >= 0):
+        raise ValueError(f"`--overfit-damping {args.overfit_damping}`: must be >= 0 (default 80; 0 = plain Adam).")
+    common.check_stop_after(args)
+    if args.corpus == "ptb" and args.data_dir is None:
+        raise ValueError("`--corpus ptb` needs `--data-dir DIR` holding ptb.train.txt, ptb.valid.txt, ptb.test.txt.")
+    return cfg
 
 
 # ----------------------------------------------------------------------------------- training
 
 
-def run(
-    phase: str,
-    data: dict,
-    cfg: dict,
-    args: argparse.Namespace,
-    ckpt: dict,
-    track: Any,
-) -> dict:
+def run(phase: str, data: dict, cfg: dict, args: argparse.Namespace, ckpt: dict, track: Any) -> dict:
     """Train one model (phase in no_ho / tuned / tuned_many / overfit) and return its results."""
-    device = args.device
-    seed = args.seed
     tune = phase != "no_ho"
-    torch.manual_seed(seed)  # same initial weights for every phase
-    params = init_params(len(data["vocab"]), cfg, device)
-    gen = torch.Generator().manual_seed(seed + 1)  # data order and dropout noise
+    torch.manual_seed(args.seed)  # same initial weights for every phase
+    params = init_params(len(data["vocab"]), cfg, args.device)
+    ref = params["embed"]
+    gen = torch.Generator().manual_seed(args.seed + 1)  # data order and dropout noise
     if phase == "overfit":
         hparams = {"decay": {k: torch.zeros_like(v) for k, v in params.items()}}
-        losses = (overfit_train_loss, val_loss)
-        total = cfg["overfit_steps"]
         train_set = windows(data["train"], cfg["overfit_seqs"], cfg["bptt"], gen)
         val_set = windows(data["val"], cfg["overfit_seqs"], cfg["bptt"], gen)
-        # Signed coefficients act as growth rates of the weights; see overfit_train_loss for why the
-        # inner optimiser is plain SGD and the outer one decays the coefficients towards 0.
-        inner = torchopt.sgd(cfg["overfit_lr"])
-        outer = torchopt.adamw(cfg["overfit_hlr"], weight_decay=cfg["overfit_damping"])
+
+        def batches(hyperstep_due: bool) -> tuple:
+            return to_device(train_set, ref), to_device(val_set, ref)  # the same 10 sequences every step
     else:
-        hparams = init_hparams(
-            params,
-            cfg,
-            many=args.rates if phase == "tuned_many" else None,
-            weight_decay=tune and args.tune_weight_decay,
-        )
-        losses = (train_loss, val_loss)
-        total = cfg["steps"]
-        inner = torchopt.chain(torchopt.clip_grad_norm(1.0), torchopt.adam(cfg["lr"]))
-        outer = torchopt.adam(cfg["hlr"])
-    hvp = bilevel.FiniteDifferenceHVP() if args.hvp == "finite-difference" else bilevel.ReverseHVP()
-    opt = bilevel.BilevelOptimizer(
-        *losses,
-        params,
-        hparams,
-        inner=inner,
-        outer=outer,
-        strategy=bilevel.Neumann(steps=cfg["neumann"], alpha=1e-2, hvp=hvp),
-        inner_steps=cfg["overfit_inner_steps"] if phase == "overfit" else cfg["inner_steps"],
-        seed=args.seed,  # the losses draw no random numbers (the noise is in the batch); fixed anyway
-        check=args.check,
-    )
+        many = args.rates if phase == "tuned_many" else None
+        hparams = init_hparams(params, cfg, many=many, weight_decay=tune and args.tune_weight_decay)
+
+        def batches(hyperstep_due: bool) -> tuple:
+            x, y = windows(data["train"], cfg["batch"], cfg["bptt"], gen)
+            train_batch = to_device((x, y, draw_noise(params, cfg["batch"], gen)), ref)
+            if not hyperstep_due:
+                return train_batch, None
+            return train_batch, to_device(windows(data["val"], cfg["batch"], cfg["bptt"], gen), ref)
+
+    opt = make_optimizer(phase, params, hparams, cfg, args)
     log: dict[str, list] = {"val_loss": [], "rates": []}
     current = ckpt.get("current")
     if current is not None and current["phase"] == phase:
         opt.load_state_dict(current["opt"])
         gen.set_state(current["gen"])
         log = current["log"]
-    ref = params["embed"]
-    N = opt.inner_steps
-    while opt.steps < total:
-        for _ in range(N):
-            if phase == "overfit":
-                train_batch = to_device(train_set, ref)
-            else:
-                x, y = windows(data["train"], cfg["batch"], cfg["bptt"], gen)
-                train_batch = to_device((x, y, draw_noise(params, cfg["batch"], gen)), ref)
-            if not tune:
-                loss = opt.inner_step(train_batch)
-                continue
-            hyper_due = (opt.steps + 1) % N == 0
-            if hyper_due and phase != "overfit":
-                val_batch = to_device(windows(data["val"], cfg["batch"], cfg["bptt"], gen), ref)
-            else:
-                val_batch = to_device(val_set, ref) if phase == "overfit" else None
-            result = opt.step(train_batch, val_batch)
-            loss = result.loss
-            if result.hyper is not None:
-                log["val_loss"].append(float(result.hyper.val_loss))
-                if phase != "overfit":
-                    log["rates"].append(rate_summary(opt.hparams))
-        ckpt["periods"] += 1
-        track(phase, opt.steps, float(loss))
-        every = args.checkpoint_every
-        stopping = args.stop_after is not None and ckpt["periods"] >= args.stop_after
-        if ckpt["path"] is not None and (ckpt["periods"] % every == 0):
-            ckpt["current"] = {
-                "phase": phase,
-                "opt": opt.state_dict(),
-                "gen": gen.get_state(),
-                "log": log,
-            }
-            common.save_checkpoint(ckpt["path"], _persist(ckpt))
-        if stopping:  # like a kill: whatever was not checkpointed is lost
-            raise common.Stop
+    total = cfg["overfit_steps"] if phase == "overfit" else cfg["steps"]
+    for loss, hyper in train(opt, batches, total, tune):
+        if hyper is not None:
+            log["val_loss"].append(float(hyper.val_loss))
+            if phase != "overfit":
+                log["rates"].append(rate_summary(opt.hparams))
+        track(phase, opt.steps, loss)
+        common.end_period(
+            ckpt, args, lambda: {"phase": phase, "opt": opt.state_dict(), "gen": gen.get_state(), "log": log}
+        )
     if phase == "overfit":
         return {"val_loss": log["val_loss"]}
     final = opt.params
@@ -474,20 +410,8 @@ def run(
         "test_ppl": perplexity(final, data["test_ids"], cfg),
         "rates": log["rates"],
         "final_rates": rate_summary(opt.hparams),
-        "n_hparams": sum(t.numel() for t in _leaves(opt.hparams)) if tune else 0,
+        "n_hparams": sum(t.numel() for t in optree.tree_leaves(opt.hparams)) if tune else 0,
     }
-
-
-def _leaves(tree: Any) -> list[Tensor]:
-    if isinstance(tree, dict):
-        return [t for v in tree.values() for t in _leaves(v)]
-    if isinstance(tree, list):
-        return [t for v in tree for t in _leaves(v)]
-    return [tree]
-
-
-def _persist(ckpt: dict) -> dict:
-    return {k: ckpt[k] for k in ("fingerprint", "periods", "done", "current")}
 
 
 def plot(results: dict, out: Path) -> list[Path]:
@@ -516,23 +440,16 @@ def plot(results: dict, out: Path) -> list[Path]:
     return [rates_png, overfit_png]
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    args.device = str(common.prepare(args))  # --out and --device checked before any work
+def experiment(args: argparse.Namespace, device: torch.device) -> dict:
+    """The four phases (resuming from --checkpoint), results and figures."""
+    args.device = str(device)
     cfg = config(args)
     train_ids, val_ids, test_ids, vocab = text_data.load_corpus(args.corpus, args.data_dir)
     if cfg["max_tokens"]:
         train_ids = train_ids[: cfg["max_tokens"]]
         val_ids, test_ids = val_ids[: cfg["max_tokens"] // 4], test_ids[: cfg["max_tokens"] // 4]
     data = {"train": train_ids, "val": val_ids, "vocab": vocab.itos, "val_ids": val_ids, "test_ids": test_ids}
-    fingerprint = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    for key in ("checkpoint", "stop_after", "out", "checkpoint_every"):
-        fingerprint.pop(key)
-    ckpt: dict[str, Any] = {"fingerprint": fingerprint, "periods": 0, "done": {}, "current": None}
-    loaded = common.load_checkpoint(args.checkpoint, fingerprint)
-    if loaded is not None:
-        ckpt.update(loaded)
-    ckpt["path"] = args.checkpoint
+    ckpt = common.resume(args)
     phases = ("no_ho", "tuned", "tuned_many", "overfit")
     per_phase = [math.ceil(cfg["steps"] / cfg["inner_steps"])] * 3 + [
         math.ceil(cfg["overfit_steps"] / cfg["overfit_inner_steps"])
@@ -544,14 +461,8 @@ def main(argv: list[str] | None = None) -> dict:
         def track(phase: str, step: int, loss: float) -> None:
             update(phase=phase, step=step, loss=loss)
 
-        try:
-            for phase in phases:
-                if phase in ckpt["done"]:
-                    continue
-                ckpt["done"][phase] = run(phase, data, cfg, args, ckpt, track)
-                ckpt["current"] = None
-                common.save_checkpoint(args.checkpoint, _persist(ckpt))
-        except common.Stop:
+        runs = {p: functools.partial(run, p, data, cfg, args, ckpt, track) for p in phases}
+        if not common.run_pending(ckpt, runs):
             return {"stopped_after": ckpt["periods"]}
     done = ckpt["done"]
     results = {
@@ -574,6 +485,12 @@ def main(argv: list[str] | None = None) -> dict:
     ov = results["overfit_val_loss"]
     print(f"  overfit: validation loss {ov[0]:.3f} -> {ov[-1]:.3f}")
     return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    # Not common.main: the recipe leaves torch's thread count alone (its numbers depend on it).
+    return experiment(args, common.prepare(args))
 
 
 if __name__ == "__main__":

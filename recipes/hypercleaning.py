@@ -1,60 +1,12 @@
 """Data hyper-cleaning: one weight per training example, learned on a small clean validation set.
 
-Franceschi et al. (2017) corrupt a large part of a training set's labels and give every training
-example its own weight, a hyperparameter: a model trained on the weighted, corrupted set should do
-well on a small set of clean validation examples. The hypergradient then pushes the weights of
-mislabelled examples down — it finds the corrupted labels without being told which they are. Here
-the hypergradient is the implicit-function-theorem one of Lorraine et al. (2020), with one
-hyperparameter per training example (1 057 for the default digits split, 5 000 for MNIST).
-
-Setup (defaults: scikit-learn's 8×8 digits, no download):
-
-* Splits. A clean validation set of ``--val-per-class`` images per class (default 20, so 200)
-  drawn from the training split, ``--n-train`` training images from the rest (default: all the
-  rest, 1 057), and the test split (540 digits; for MNIST the standard 10 000). With ``--dataset
-  mnist`` the defaults are Franceschi et al.'s sizes: 5 000 training, 5 000 validation images.
-* Corruption. Exactly ``round(--corruption · n_train)`` training labels (default 50 %), chosen
-  uniformly at random with a seeded ``torch.Generator``, are replaced by a *different* class, drawn
-  uniformly from the other nine (``(y + U{1..9}) mod 10``). Validation and test labels stay clean.
-* Hyperparameters. A logit λ_i per training example; its weight is σ(λ_i), starting at σ(0) = ½.
-  The training loss is the weighted *mean* of the per-example cross-entropies plus a small fixed
-  weight decay δ on every parameter:
-
-      L_T(w, λ) = Σ_i σ(λ_i) CE_i(w) / Σ_i σ(λ_i) + δ ‖w‖²,        L_V(w) = CE on the validation set.
-
-  Normalising by Σ σ(λ_i) makes L_T depend only on the *relative* weights: without it, turning
-  every weight down is the same as turning the weight decay up, and the hypergradient mixes the
-  two. With it, the weights start at the unweighted loss and σ(λ_i) < ½ means "trusted less than
-  at the start" — the detector below. δ keeps w*(λ) unique and the training Hessian positive
-  definite (for the linear model), which the implicit function theorem needs.
-* Models (``--models``): logistic regression (``linear``) and an MLP with one ReLU hidden layer of
-  ``--hidden`` units (``mlp``, default 64), ordinary ``nn.Module`` objects made pure functions by
-  ``bilevel.FunctionalModule``.
-* Algorithm 1 via ``bilevel.BilevelOptimizer``, full batch on both levels: ``--inner-steps`` Adam
-  steps on the weights (``--inner-lr`` 1e-2), then one Adam step on the logits (``--outer-lr``
-  0.03). The hypergradient strategies run side by side (``--strategies``), on the same budget of
-  about 11 Hessian-vector products per hyperstep, each with its wall time:
-  ``Neumann(steps=10, alpha="auto")`` (the paper's Algorithm 3) and
-  ``ConjugateGradient(maxiter=10, damping=0.1, warm_start=True)``. The damping (``--cg-damping``) is
-  needed by the MLP: its Hessian is not positive definite, and undamped CG warm-started from the
-  previous hyperstep's solution compounds the error. Measured with the defaults on seed 0: the
-  solution's norm grew from 9 to 2·10⁴ in 30 hypersteps and 3·10¹³ in 100, every hyperstep from
-  the 147th on was non-finite and skipped, and detection F1 ended at 0.53 (cold-started, undamped
-  CG stayed near norm 5 and reached F1 0.87; damped and warm-started, F1 0.95).
-
-Evaluation. Three models are trained from the *same* initialisation with the *same* optimiser (Adam,
-``--inner-lr``), loss (the weighted L_T above) and number of steps (those of the bilevel run,
-hypersteps × inner steps): **unweighted** (every weight 1), **cleaned** (the learned weights σ(λ),
-held fixed) and the **oracle** (weight 1 on clean examples, 0 on the corrupted ones). Their test
-accuracies are reported with the accuracy of the model trained *during* the bilevel run
-(``online``), and the learned weights are scored as a detector of corrupted labels: an example is
-flagged when σ(λ_i) < ½; precision, recall and F1 against the true corruption mask.
-
-Departures from Franceschi et al. (2017), each with its reason: 8×8 digits by default (MNIST with
-``--dataset mnist --data-dir DIR``); the implicit function theorem instead of reverse-mode
-differentiation through the whole training run; weights σ(λ) in (0, 1) through a logistic instead
-of a projection onto [0, 1]; the normalised loss above; an MLP besides the linear model; and the
-cleaned model re-trained from scratch for the comparison so that all three see the same training.
+Half of the training labels (``--corruption``) are moved to a wrong class, and every training
+example gets its own weight σ(λ_i), a hyperparameter. Algorithm 1 (``bilevel.BilevelOptimizer`` with
+the IFT strategies Neumann and CG side by side) tunes the weights so that a model trained on the
+weighted set does well on a small clean validation set: the weights of the mislabelled examples
+fall, and the model re-trained with them is compared with unweighted training and an oracle.
+Franceschi et al. (2017), Section 5.1, for logistic regression and an MLP. Setup, departures from
+the paper and measured results: docs/recipes/hypercleaning.md.
 
 Run:  python recipes/hypercleaning.py [--quick] [--models linear,mlp] [--strategies neumann,cg]
                                       [--corruption 0.5] [--dataset digits|mnist --data-dir DIR]
@@ -66,6 +18,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +39,67 @@ NAME = "hypercleaning"
 MODELS = ("linear", "mlp")
 STRATEGIES = ("neumann", "cg")
 THRESHOLD = 0.5  # flag an example as corrupted when its weight σ(λ_i) falls below this
+
+
+# --8<-- [start:core]
+def make_model(kind: str, args: argparse.Namespace, x: Tensor) -> bilevel.FunctionalModule:
+    """Logistic regression (``linear``) or a ReLU MLP with ``args.hidden`` units (``mlp``) on images
+    like ``x``, as a pure function; the same initial weights for a given ``args.seed``."""
+    torch.manual_seed(args.seed)
+    pixels, classes, hidden = x[0].numel(), args.classes, args.hidden
+    if kind == "linear":
+        model = nn.Sequential(nn.Flatten(), nn.Linear(pixels, classes))
+    else:
+        model = nn.Sequential(nn.Flatten(), nn.Linear(pixels, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+    return bilevel.FunctionalModule(model.to(device=x.device, dtype=x.dtype))
+
+
+def weighted_loss(fm: bilevel.FunctionalModule, params: dict, x: Tensor, y: Tensor, logits: Tensor, decay: float):
+    """L_T(w, λ) = Σ_i σ(λ_i) CE_i(w) / Σ_i σ(λ_i) + δ‖w‖²: the training loss of every model here."""
+    out, _ = fm(params, fm.state, x)
+    ce = F.cross_entropy(out, y, reduction="none")
+    return bilevel.weighted_mean(ce, logits) + decay * sum((p**2).sum() for p in params.values())
+
+
+def learn_weights(
+    fm: bilevel.FunctionalModule,
+    train: tuple[Tensor, Tensor],
+    val: tuple[Tensor, Tensor],
+    strategy: bilevel.Strategy,
+    args: argparse.Namespace,
+) -> Iterator[tuple[bilevel.BilevelOptimizer, bilevel.StepResult]]:
+    """Algorithm 1 on (the weights w of ``fm``, one logit λ_i per training example), full batch on both
+    levels: ``args.inner_steps`` Adam steps on w, the last of them followed by one Adam step on λ.
+    Yields the optimiser and the last step's result after each of the ``args.hypersteps`` hypersteps."""
+
+    def train_loss(params: dict, hparams: dict, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        return weighted_loss(fm, params, x, y, hparams["logits"], args.weight_decay)
+
+    def val_loss(params: dict, hparams: dict, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(fm(params, fm.state, x)[0], y)  # clean labels, no weights
+
+    logits = torch.zeros(len(train[1]), dtype=train[0].dtype, device=train[0].device)  # σ(0) = ½ for all
+    opt = bilevel.BilevelOptimizer(
+        train_loss,
+        val_loss,
+        fm.params,
+        {"logits": logits},
+        inner=torchopt.adam(args.inner_lr),
+        outer=torchopt.adam(args.outer_lr),
+        strategy=strategy,
+        inner_steps=args.inner_steps,
+        seed=args.seed,
+        check=args.check,
+    )
+    for _ in range(args.hypersteps):
+        for _ in range(args.inner_steps):
+            result = opt.step(train, val)
+        yield opt, result
+
+
+# --8<-- [end:core]
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -130,67 +144,26 @@ def detection_scores(weights: Tensor, corrupted: Tensor, threshold: float = THRE
 
 def split(args: argparse.Namespace, generator: torch.Generator):
     """(train, val, test) as (x, y) pairs: a stratified clean validation set, ``n_train`` training
-    images from the rest of the training split, and the test split."""
-    x, y, test_x, test_y = recipe_data.load_images(args.dataset, args.data_dir)
-    rest, val_idx = recipe_data.hold_out(y, args.val_per_class, generator)
-    n_train = len(rest) if args.n_train is None else args.n_train
-    if n_train > len(rest):
-        raise ValueError(f"--n-train {n_train}: only {len(rest)} training images are left after the validation set.")
-    train_idx = rest[torch.randperm(len(rest), generator=generator)[:n_train]]
-    return (x[train_idx], y[train_idx]), (x[val_idx], y[val_idx]), (test_x, test_y)
+    images drawn from the rest of the training split, and the test split."""
+    (x, y), val, test = recipe_data.clean_split(args.dataset, args.data_dir, args.val_per_class, generator)
+    n_train = len(y) if args.n_train is None else args.n_train
+    if n_train > len(y):
+        raise ValueError(f"--n-train {n_train}: only {len(y)} training images are left after the validation set.")
+    keep = torch.randperm(len(y), generator=generator)[:n_train]
+    return (x[keep], y[keep]), val, test
 
 
-# --------------------------------------------------------------------------------------- models
+# ----------------------------------------------------------------------------------- experiments
 
 
-def make_model(kind: str, pixels: int, classes: int, hidden: int) -> nn.Module:
-    if kind == "linear":
-        return nn.Sequential(nn.Flatten(), nn.Linear(pixels, classes))
-    return nn.Sequential(nn.Flatten(), nn.Linear(pixels, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+def predictor(fm: bilevel.FunctionalModule, params: dict):
+    return lambda x: fm(params, fm.state, x)[0]
 
 
-def weighted_loss(fm: bilevel.FunctionalModule, params: dict, x: Tensor, y: Tensor, logits: Tensor, decay: float):
-    """Σ_i σ(λ_i) CE_i / Σ_i σ(λ_i) + δ‖w‖²: the training loss of every model of the recipe."""
-    out, _ = fm(params, fm.state, x)
-    ce = F.cross_entropy(out, y, reduction="none")
-    return bilevel.weighted_mean(ce, logits) + decay * sum((p**2).sum() for p in params.values())
-
-
-def make_losses(fm: bilevel.FunctionalModule, decay: float):
-    def train_loss(params: dict, hparams: dict, batch: tuple[Tensor, Tensor]) -> Tensor:
-        x, y = batch
-        return weighted_loss(fm, params, x, y, hparams["logits"], decay)
-
-    def val_loss(params: dict, hparams: dict, batch: tuple[Tensor, Tensor]) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(fm(params, fm.state, x)[0], y)
-
-    return train_loss, val_loss
-
-
-@torch.no_grad()
-def accuracy(fm: bilevel.FunctionalModule, params: dict, data: tuple[Tensor, Tensor]) -> float:
-    x, y = data
-    chunk = 4096
-    correct = sum(
-        int((fm(params, fm.state, x[i : i + chunk])[0].argmax(-1) == y[i : i + chunk]).sum())
-        for i in range(0, len(x), chunk)
-    )
-    return correct / len(x)
-
-
-def fresh_model(kind: str, args: argparse.Namespace, data, device: torch.device) -> bilevel.FunctionalModule:
-    """The model every training of ``kind`` starts from: the same initial weights for a given seed."""
-    train = data[0]
-    torch.manual_seed(args.seed)
-    model = make_model(kind, train[0][0].numel(), args.classes, args.hidden)
-    return bilevel.FunctionalModule(model.to(device=device, dtype=train[0].dtype))
-
-
-def train_fixed(kind: str, logits: Tensor, args: argparse.Namespace, data, device: torch.device, update) -> float:
+def train_fixed(kind: str, logits: Tensor, args: argparse.Namespace, data, update) -> float:
     """Test accuracy after ``args.steps`` full-batch Adam steps on L_T with fixed example weights σ(logits)."""
     (x, y), _, test = data
-    fm = fresh_model(kind, args, data, device)
+    fm = make_model(kind, args, x)
     params = {k: v.detach().clone() for k, v in fm.params.items()}
     adam = torchopt.adam(args.inner_lr)  # the bilevel run's inner optimiser
     state, logits = adam.init(params), logits.detach()
@@ -199,7 +172,7 @@ def train_fixed(kind: str, logits: Tensor, args: argparse.Namespace, data, devic
         updates, state = adam.update(grad(params), state)
         params = torchopt.apply_updates(params, updates)
         update(advance=1)
-    return accuracy(fm, params, test)
+    return recipe_common.accuracy(predictor(fm, params), *test)
 
 
 def strategy_for(name: str, cg_damping: float) -> bilevel.Strategy:
@@ -215,50 +188,33 @@ def label(name: str, cg_damping: float) -> str:
 
 
 def run_bilevel(kind: str, strategy: str, args: argparse.Namespace, data, corrupted: Tensor, update):
-    """Algorithm 1 on (weights, example logits); returns the learned weights σ(λ), a summary and the curves."""
+    """:func:`learn_weights` for one model and strategy, evaluated along the way; returns the learned
+    logits λ, a summary and the curves."""
     train, val, test = data
-    device = train[0].device
-    fm = fresh_model(kind, args, data, device)
-    logits = torch.zeros(len(train[1]), dtype=train[0].dtype, device=device)
-    train_loss, val_loss = make_losses(fm, args.weight_decay)
-    opt = bilevel.BilevelOptimizer(
-        train_loss,
-        val_loss,
-        fm.params,
-        {"logits": logits},
-        inner=torchopt.adam(args.inner_lr),
-        outer=torchopt.adam(args.outer_lr),
-        strategy=strategy_for(strategy, args.cg_damping),
-        inner_steps=args.inner_steps,
-        seed=args.seed,
-        check=args.check,
-    )
+    fm = make_model(kind, args, train[0])
     every = max(1, args.hypersteps // 50)
     history: dict[str, list] = {"hyperstep": [], "test_acc": [], "val_acc": [], "f1": []}
 
-    def record() -> None:
-        history["hyperstep"].append(opt.hypersteps)
-        history["test_acc"].append(accuracy(fm, opt.params, test))
-        history["val_acc"].append(accuracy(fm, opt.params, val))
-        history["f1"].append(detection_scores(torch.sigmoid(opt.hparams["logits"]), corrupted)["f1"])
+    def record(hyperstep: int, params: dict, logits: Tensor) -> None:
+        history["hyperstep"].append(hyperstep)
+        history["test_acc"].append(recipe_common.accuracy(predictor(fm, params), *test))
+        history["val_acc"].append(recipe_common.accuracy(predictor(fm, params), *val))
+        history["f1"].append(detection_scores(torch.sigmoid(logits), corrupted)["f1"])
 
-    record()
-    hvps, elapsed = 0, 0.0
-    for _ in range(args.hypersteps):
-        start = time.perf_counter()
-        for _ in range(args.inner_steps):
-            result = opt.step(train, val)
+    record(0, fm.params, torch.zeros(len(train[1]), dtype=train[0].dtype, device=train[0].device))
+    hvps, elapsed, start = 0, 0.0, time.perf_counter()
+    for opt, result in learn_weights(fm, train, val, strategy_for(strategy, args.cg_damping), args):
         elapsed += time.perf_counter() - start  # the bilevel run only, not the evaluation below
         hvps += result.hyper.hvps
         if opt.hypersteps % every == 0 or opt.hypersteps == args.hypersteps:
-            record()
+            record(opt.hypersteps, opt.params, opt.hparams["logits"])
         update(
             advance=args.inner_steps,
             run=f"{kind}/{strategy}",
             val_loss=float(result.hyper.val_loss),
             f1=history["f1"][-1],
         )
-    logits = opt.hparams["logits"].detach()
+        start = time.perf_counter()
     summary = {
         "online_test_acc": history["test_acc"][-1],
         "wall_time_s": elapsed,
@@ -266,7 +222,7 @@ def run_bilevel(kind: str, strategy: str, args: argparse.Namespace, data, corrup
         "skipped_hypersteps": opt.skipped_outer_steps,
     }
     recipe_common.print_check(opt)
-    return logits, summary, history
+    return opt.hparams["logits"].detach(), summary, history
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -294,11 +250,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     if args.dataset != "digits" and args.data_dir is None:
         parser.error(f"--dataset {args.dataset} reads files from disk: pass --data-dir pointing at your copy.")
-    for flag, choices in (("models", MODELS), ("strategies", STRATEGIES)):
-        picked = [m.strip() for m in getattr(args, flag).split(",") if m.strip()]
-        if not picked or any(m not in choices for m in picked) or len(set(picked)) != len(picked):
-            parser.error(f"--{flag} {getattr(args, flag)!r}: expected a comma-separated subset of {','.join(choices)}")
-        setattr(args, flag, picked)
+    args.models = recipe_common.subset_flag(parser, "models", args.models, MODELS)
+    args.strategies = recipe_common.subset_flag(parser, "strategies", args.strategies, STRATEGIES)
     mnist = args.dataset == "mnist"
     args.val_per_class = args.val_per_class if args.val_per_class is not None else (500 if mnist else 20)
     args.n_train = args.n_train if args.n_train is not None else (5000 if mnist else None)
@@ -315,10 +268,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    device = recipe_common.prepare(args)  # --out and --device checked before any work
-    with recipe_common.one_thread(device.type == "cpu"):
-        return run(args, device)
+    return recipe_common.main(run, parse_args(argv))
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -356,10 +306,10 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
                 learned[kind][name] = weights
                 strategies[kind][name] = summary
                 accs["online"][name] = summary["online_test_acc"]
-                accs["cleaned"][name] = train_fixed(kind, logits, args, data, device, update)
+                accs["cleaned"][name] = train_fixed(kind, logits, args, data, update)
                 detection["models"][kind][name] = detection_scores(weights, corrupted)
-            accs["unweighted"] = train_fixed(kind, even, args, data, device, update)
-            accs["oracle"] = train_fixed(kind, oracle, args, data, device, update)
+            accs["unweighted"] = train_fixed(kind, even, args, data, update)
+            accs["oracle"] = train_fixed(kind, oracle, args, data, update)
             test_acc["models"][kind] = accs
 
     first_model, first_strategy = args.models[0], args.strategies[0]

@@ -1,49 +1,21 @@
 """How accurate are approximate hypergradients? Section 5.1, Fig. 3 and Fig. 4 of Lorraine et al. (2020).
 
-A small regression network on the diabetes data (scikit-learn's bundled stand-in for the paper's
-Boston housing set, split in half into training and validation data) with one weight-decay
-hyperparameter per weight,
-
-    L_T(w, λ) = mean (f(x; w) − y)² + Σ_i exp(λ_i) w_i²,        L_V(w) = mean (f(x_v; w) − y_v)²,
-
-is trained to stationarity first — L-BFGS, then Newton steps to ‖∇_w L_T‖ ≤ 1e-12 — because the
-IFT hypergradient is exact only at w*(λ). The true hypergradient dL_V/dλ comes from
-``bilevel.Exact`` (a dense Hessian solve, in float64); against it we measure the cosine similarity
-and the ℓ2 distance of
-
-* ``Neumann(steps=k, alpha)``  — k series terms, k − 1 Hessian-vector products (the paper's
-  Algorithm 3 with i = k − 1, its code's ``num_neumann_terms=k − 1``),
-* ``ConjugateGradient(maxiter=k)`` — k CG iterations, k Hessian-vector products,
-* ``Nystrom(rank=k, damping=ρ)`` — a rank-k Nyström approximation of H from k random columns,
-  k Hessian-vector products taken in one batched call, inverted with the Woodbury identity
-  (Hataya & Yamada, 2023), k ≤ the number of weights; ρ = the median eigenvalue of H, the best in
-  ℓ2 distance of the values we tried (μ_min, 0.1, the median, 0.5, 1, 2) — directions the k columns
-  miss are inverted as 1/ρ, so a small ρ amplifies them and a large one biases the rest,
-* ``Identity(alpha)`` — H⁻¹ ≈ αI, no Hessian-vector product at all,
-
-for k = 1…N, with α = 1/μ_max (μ_max the largest eigenvalue of H) so that the Neumann series
-converges. That is Fig. 3, plotted against the number of Hessian-vector products of each method.
-
-The default model is a 1-hidden-layer tanh net (10–8–1, 97 weights) rather than the paper's
-linear model: on diabetes the linear model's 11×11 Hessian is so benign that even Identity has
-cosine similarity 0.96 and every curve sits flat near 1 (``--model linear`` shows it).
-
-Fig. 4 is a picture of the inverse Hessian itself for the 1-hidden-layer net, as in the paper: the
-true H⁻¹ next to the Neumann approximations α Σ_{j<k} (I − αH)^j (k terms, k − 1 HVPs), each passed
-through tanh so that large entries saturate and the structure of the small ones stays visible.
-Only this picture forms dense matrices; every number in results.json comes from
-``bilevel.hypergradient``.
-
-There is no weight/hyperparameter optimiser here (the paper's Adam/RMSprop setup does not apply):
-the hyperparameters are fixed and only the hypergradient at w*(λ) is measured.
+A small tanh net on scikit-learn's diabetes data, with one weight decay per weight, is trained to
+stationarity; there the hypergradients of ``Neumann``, ``ConjugateGradient``, ``Nystrom`` and
+``Identity`` are compared with ``Exact``'s (cosine similarity, ℓ2 distance) as the number of
+Hessian-vector products grows (Fig. 3), and Neumann's approximations of the inverse Hessian are
+pictured next to the true one (Fig. 4). Setup, conventions and results:
+docs/recipes/hypergradient_accuracy.md.
 
 Run:  python recipes/hypergradient_accuracy.py [--quick] [--model mlp|linear] [--steps N] [--out DIR]
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,17 +35,16 @@ NAME = "hypergradient_accuracy"
 DTYPE = torch.float64  # the comparison is about the solver, not rounding: float64 throughout
 
 
-# ---------------------------------------------------------------------------------------- problem
-
-
+# --8<-- [start:core]
 def make_model(kind: str, n_in: int, hidden: int) -> nn.Module:
+    """``mlp`` (the default): a 1-hidden-layer tanh net; ``linear``: the paper's linear model."""
     if kind == "linear":
         return nn.Linear(n_in, 1)
     return nn.Sequential(nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, 1))
 
 
 def make_losses(model: nn.Module):
-    """L_T with a log-parametrised decay per weight, ½ Σ e^λ w² (exp keeps every decay > 0), and L_V."""
+    """L_T = MSE + ½ Σ e^λ w² (one log-decay per weight; exp keeps every decay > 0) and L_V = MSE."""
 
     def mse(params: dict[str, Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
         x, y = batch
@@ -88,41 +59,86 @@ def make_losses(model: nn.Module):
     return train_loss, val_loss
 
 
-def solve_inner(train_loss, params, hparams, batch, tol: float = 1e-12) -> tuple[dict, float]:
-    """Minimise L_T(·, λ): L-BFGS to get close, then Newton steps to ‖∇_w L_T‖ ≤ tol.
-
-    The IFT hypergradient is only exact at a stationary point, so the comparison needs w*(λ) to
-    machine precision. The model is tiny, so Newton's method on the dense Hessian (the same one
-    ``bilevel.Exact`` builds) gets there in a few steps once L-BFGS is in the basin.
-    """
-    w = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    lbfgs = torch.optim.LBFGS(list(w.values()), max_iter=2000, history_size=50, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        lbfgs.zero_grad()
-        loss = train_loss(w, hparams, batch)
-        loss.backward()
-        return loss
-
-    lbfgs.step(closure)
-    keys = sorted(w)
-    shapes, sizes = [w[k].shape for k in keys], [w[k].numel() for k in keys]
-
-    def on_flat(v: Tensor) -> Tensor:
-        return train_loss({k: p.reshape(s) for k, p, s in zip(keys, torch.split(v, sizes), shapes)}, hparams, batch)
-
-    v = flat({k: t.detach() for k, t in w.items()})
+def solve_inner(train_loss, params, hparams, batch, tol: float = 1e-12) -> tuple[dict[str, Tensor], float]:
+    """(w*(λ), ‖∇_w L_T‖ there): L-BFGS to get close, then Newton steps to ‖∇_w L_T‖ ≤ tol, because the
+    IFT hypergradient is exact only at a stationary point."""
+    w = recipe_data.fit_lbfgs(train_loss, params, hparams, batch, 2000, history_size=50, tolerance_grad=1e-7,
+                              tolerance_change=1e-9)  # fmt: skip
+    loss = flat_loss(train_loss, w, hparams, batch)
+    v = flat(w)
     for _ in range(20):
-        grad = torch.func.grad(on_flat)(v)
+        grad = torch.func.grad(loss)(v)
         if float(grad.norm()) <= tol:
             break
-        v = v - torch.linalg.solve(torch.func.hessian(on_flat)(v), grad)
-    grad_norm = float(torch.func.grad(on_flat)(v).norm())
-    return {k: p.reshape(s) for k, p, s in zip(keys, torch.split(v, sizes), shapes)}, grad_norm
+        v = v - torch.linalg.solve(torch.func.hessian(loss)(v), grad)
+    return unflatten(v, w), float(torch.func.grad(loss)(v).norm())
+
+
+def accuracy_curves(train_loss, val_loss, w, h, train, val, steps: list[int], update: Callable) -> dict[str, Any]:
+    """Cosine similarity and ℓ2 distance to ``Exact``'s hypergradient at w = w*(λ) of Neumann(steps=k),
+    ConjugateGradient(maxiter=k) and Nystrom(rank=k) for each k in ``steps``, and of Identity;
+    ``update(**status)`` reports each k."""
+
+    def hypergrad(strategy: bilevel.Strategy, **kwargs: Any) -> tuple[Any, bilevel.HypergradInfo]:
+        return bilevel.hypergradient(train_loss, val_loss, w, h, train, val, strategy, **kwargs)
+
+    exact = flat(hypergrad(bilevel.Exact())[0])
+    # α = 1/μ_max (μ_max: the library's power-iteration estimate of H's spectral radius), fixed for all k
+    alpha = float(hypergrad(bilevel.Neumann(steps=1, alpha="auto", power_iters=100))[1].alpha)
+    rho = float(torch.linalg.eigvalsh(dense_hessian(train_loss, w, h, train)).median())  # Nyström's damping
+    size = sum(t.numel() for t in w.values())
+    cosine: dict[str, list[float]] = {"neumann": [], "cg": [], "nystrom": []}
+    l2: dict[str, list[float]] = {"neumann": [], "cg": [], "nystrom": []}
+    for k in steps:
+        methods = {"neumann": bilevel.Neumann(steps=k, alpha=alpha), "cg": bilevel.ConjugateGradient(maxiter=k)}
+        if k <= size:  # a Nyström rank cannot exceed the number of weights
+            methods["nystrom"] = bilevel.Nystrom(rank=k, damping=rho)
+        for name, strategy in methods.items():
+            c, d = compare(hypergrad(strategy, seed=0)[0], exact)
+            cosine[name].append(c)
+            l2[name].append(d)
+        update(k=k, cos_neumann=cosine["neumann"][-1], cos_cg=cosine["cg"][-1], cos_nystrom=cosine["nystrom"][-1])
+    cosine_identity, l2_identity = compare(hypergrad(bilevel.Identity(alpha=alpha))[0], exact)
+    curves = {"steps": steps, "cosine": cosine, "l2": l2, "cosine_identity": cosine_identity}
+    # printed and drawn, not written to results.json
+    extra = {"_l2_identity": l2_identity, "_alpha": alpha, "_nystrom_damping": rho, "_exact_norm": float(exact.norm())}
+    return {**curves, **extra}
+
+
+# --8<-- [end:core]
+
+
+# ------------------------------------------------------------------------- flat vectors and the Hessian
+# A dense P×P Hessian also appears in benchmarks/inrun.py (`_hessian`). bilevel exports none (Exact's
+# `bilevel._hypergradient.dense_hessian` is private and works on its HVP operator), a recipe must run
+# with nothing but bilevel, recipe_common and recipe_data beside it, and benchmarks import nothing
+# from recipes/: so each keeps its own few lines.
 
 
 def flat(tree: dict[str, Tensor]) -> Tensor:
+    """The tensors of ``tree`` concatenated into one vector, in sorted key order."""
     return torch.cat([tree[k].reshape(-1) for k in sorted(tree)])
+
+
+def unflatten(v: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of :func:`flat`: ``v`` split into tensors shaped like those of ``like``."""
+    keys = sorted(like)
+    parts = torch.split(v, [like[k].numel() for k in keys])
+    return {k: p.reshape(like[k].shape) for k, p in zip(keys, parts)}
+
+
+def flat_loss(loss: Callable, like: dict[str, Tensor], hparams: dict[str, Tensor], batch: Any) -> Callable:
+    """v ↦ loss(unflatten(v, like), hparams, batch): the loss as a function of one flat vector."""
+    return lambda v: loss(unflatten(v, like), hparams, batch)
+
+
+def dense_hessian(train_loss: Callable, w: dict[str, Tensor], h: dict[str, Tensor], batch: Any) -> Tensor:
+    """The P×P training Hessian at w (P is tiny here: for ρ and the picture of Fig. 4).
+
+    ``torch.func.hessian`` is fine for this tanh net; bilevel's ``Exact`` builds its Hessian from
+    batched Hessian-vector products instead, because nested torch.func transforms get train-mode
+    normalisation layers wrong."""
+    return torch.func.hessian(flat_loss(train_loss, w, h, batch))(flat(w))
 
 
 def compare(approx: dict[str, Tensor], exact: Tensor) -> tuple[float, float]:
@@ -132,8 +148,12 @@ def compare(approx: dict[str, Tensor], exact: Tensor) -> tuple[float, float]:
     return cosine, float((g - exact).norm())
 
 
-def build_problem(kind: str, hidden: int, decay: float, device: torch.device, seed: int):
-    """Diabetes split in half (train/val), a fresh model, per-weight log-decays, and w*(λ)."""
+# ---------------------------------------------------------------------------------------- problem
+
+
+def build_problem(kind: str, hidden: int, decay: float, device: torch.device, seed: int) -> tuple[tuple, float]:
+    """Diabetes split in half (train/val), a fresh model, per-weight log-decays, and w*(λ): the point
+    (train_loss, val_loss, w*, λ, train, val) that bilevel.hypergradient takes, and ‖∇_w L_T(w*)‖."""
     gen = recipe_common.seed_everything(seed)
     x, y = recipe_data.load_diabetes()
     x, y = x.to(DTYPE), y.to(DTYPE)
@@ -150,51 +170,10 @@ def build_problem(kind: str, hidden: int, decay: float, device: torch.device, se
     }
     train_loss, val_loss = make_losses(model)
     w_star, grad_norm = solve_inner(train_loss, params, hparams, train)
-    return train_loss, val_loss, w_star, hparams, train, val, grad_norm
+    return (train_loss, val_loss, w_star, hparams, train, val), grad_norm
 
 
 # --------------------------------------------------------------------------------------- Fig. 3
-
-
-def accuracy_curves(problem, steps: list[int], update) -> dict[str, Any]:
-    train_loss, val_loss, w, h, train, val, _ = problem
-
-    def hypergrad(strategy):
-        return bilevel.hypergradient(train_loss, val_loss, w, h, train, val, strategy=strategy)
-
-    exact_tree, _ = hypergrad(bilevel.Exact())
-    exact = flat(exact_tree)
-    # α = 1/μ_max makes every term of the series contract (0 < αμ_i ≤ 1, μ_i the eigenvalues of H);
-    # μ_max is the library's alpha="auto" power-iteration estimate of the spectral radius (= μ_max,
-    # H being positive definite at w*), then held fixed for all k.
-    _, info = hypergrad(bilevel.Neumann(steps=1, alpha="auto", power_iters=100))
-    alpha = float(info.alpha)
-    # Nyström's damping: the median eigenvalue of H, read off the dense Hessian (P ≤ a few hundred).
-    rho = float(torch.linalg.eigvalsh(dense_hessian(train_loss, w, h, train)).median())
-    size = sum(t.numel() for t in w.values())
-    cosine: dict[str, list[float]] = {"neumann": [], "cg": [], "nystrom": []}
-    l2: dict[str, list[float]] = {"neumann": [], "cg": [], "nystrom": []}
-    for k in steps:
-        methods = [("neumann", bilevel.Neumann(steps=k, alpha=alpha)), ("cg", bilevel.ConjugateGradient(maxiter=k))]
-        if k <= size:
-            methods.append(("nystrom", bilevel.Nystrom(rank=k, damping=rho)))
-        for name, strategy in methods:
-            c, d = compare(bilevel.hypergradient(train_loss, val_loss, w, h, train, val, strategy, seed=0)[0], exact)
-            cosine[name].append(c)
-            l2[name].append(d)
-        update(k=k, cos_neumann=cosine["neumann"][-1], cos_cg=cosine["cg"][-1], cos_nystrom=cosine["nystrom"][-1])
-    cosine_identity, l2_identity = compare(hypergrad(bilevel.Identity(alpha=alpha))[0], exact)
-    return {
-        "steps": steps,
-        "cosine": cosine,
-        "l2": l2,
-        "cosine_identity": cosine_identity,
-        # not in results.json; printed and used in the figure
-        "_l2_identity": l2_identity,
-        "_alpha": alpha,
-        "_nystrom_damping": rho,
-        "_exact_norm": float(exact.norm()),
-    }
 
 
 def plot_curves(curves: dict[str, Any], path: Path, title: str) -> None:
@@ -225,19 +204,6 @@ def plot_curves(curves: dict[str, Any], path: Path, title: str) -> None:
 # --------------------------------------------------------------------------------------- Fig. 4
 
 
-def dense_hessian(train_loss, w: dict[str, Tensor], h: dict[str, Tensor], batch) -> Tensor:
-    """The P×P training Hessian at w (for the picture only; P is tiny here)."""
-    keys = sorted(w)
-    shapes = [w[k].shape for k in keys]
-    sizes = [w[k].numel() for k in keys]
-
-    def on_flat(v: Tensor) -> Tensor:
-        parts = torch.split(v, sizes)
-        return train_loss({k: p.reshape(s) for k, p, s in zip(keys, parts, shapes)}, h, batch)
-
-    return torch.func.hessian(on_flat)(flat(w))
-
-
 def neumann_matrices(hessian: Tensor, alpha: float, terms: list[int]) -> dict[int, Tensor]:
     """α Σ_{j<k} (I − αH)^j for each k in ``terms`` (the matrix Algorithm 3 applies to a vector)."""
     eye = torch.eye(len(hessian), dtype=hessian.dtype, device=hessian.device)
@@ -250,8 +216,8 @@ def neumann_matrices(hessian: Tensor, alpha: float, terms: list[int]) -> dict[in
     return out
 
 
-def plot_inverse(problem, terms: list[int], path: Path) -> dict[str, float]:
-    train_loss, _, w, h, train, _, _ = problem
+def plot_inverse(point: tuple, terms: list[int], path: Path) -> dict[str, float]:
+    train_loss, _, w, h, train, _ = point
     hessian = dense_hessian(train_loss, w, h, train)
     eigs = torch.linalg.eigvalsh(hessian)
     alpha = 1.0 / float(eigs.max())
@@ -285,13 +251,13 @@ def plot_inverse(problem, terms: list[int], path: Path) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------ main
 
 
-def parse_args(argv: list[str] | None):
-    parser = recipe_common.base_parser(NAME, "Section 5.1: accuracy of approximate hypergradients (Fig. 3, Fig. 4).")
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = recipe_common.base_parser(NAME, __doc__.split("\n\n")[0])
     parser.add_argument(
         "--model",
         choices=("linear", "mlp"),
         default="mlp",
-        help="model for Fig. 3 (default mlp; the paper used a linear one, see the docstring)",
+        help="model for Fig. 3 (default mlp; the paper used a linear one, see the recipe's page)",
     )
     parser.add_argument("--steps", type=int, default=None, help="largest k (default 100; 30 with --quick)")
     parser.add_argument("--hidden", type=int, default=None, help="hidden units of the 1-layer net (default 8; 4 quick)")
@@ -299,39 +265,30 @@ def parse_args(argv: list[str] | None):
     args = parser.parse_args(argv)
     args.steps = args.steps if args.steps is not None else (30 if args.quick else 100)
     args.hidden = args.hidden if args.hidden is not None else (4 if args.quick else 8)
-    if args.steps < 1:
-        parser.error(f"--steps {args.steps}: must be an integer >= 1")
-    if args.hidden < 1:
-        parser.error(f"--hidden {args.hidden}: must be an integer >= 1")
-    if not (args.decay > 0 and math.isfinite(args.decay)):
-        parser.error(f"--decay {args.decay}: must be a finite number > 0")
+    recipe_common.require(parser, args, counts=("steps", "hidden"), positive=("decay",))
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    device = recipe_common.prepare(args)  # --out and --device checked before any work
+    return recipe_common.main(run, parse_args(argv))  # one thread: a 49–97-weight model is all per-op overhead
+
+
+def run(args: argparse.Namespace, device: torch.device) -> dict:
     start = time.perf_counter()
-    with recipe_common.one_thread():  # a 49–97-weight model: all per-op overhead
-        return _run(args, device, start)
-
-
-def _run(args, device: torch.device, start: float) -> dict:
-    problem = build_problem(args.model, args.hidden, args.decay, device, args.seed)
+    point, grad_norm = build_problem(args.model, args.hidden, args.decay, device, args.seed)
     if args.check:  # the derivatives at w*, where every curve of Fig. 3 is computed
-        print(bilevel.check_derivatives(*problem[:6], strategy=bilevel.Exact()), flush=True)
+        print(bilevel.check_derivatives(*point, strategy=bilevel.Exact()), flush=True)
     steps = list(range(1, args.steps + 1))
     with recipe_common.progress(f"Fig. 3 ({args.model})", total=len(steps)) as update:
-        curves = accuracy_curves(problem, steps, update)
-    args.out.mkdir(parents=True, exist_ok=True)
+        curves = accuracy_curves(*point, steps, update)
     plot_curves(
         curves,
         args.out / "fig3_hypergradient_accuracy.png",
-        f"{args.model} model on diabetes, ‖∇L_T(w*)‖ = {problem[-1]:.1e}, α = {curves['_alpha']:.3g}",
+        f"{args.model} model on diabetes, ‖∇L_T(w*)‖ = {grad_norm:.1e}, α = {curves['_alpha']:.3g}",
     )
 
     # Fig. 4 always uses the 1-hidden-layer net (as in the paper); reuse the problem if it is one.
-    mlp = problem if args.model == "mlp" else build_problem("mlp", args.hidden, args.decay, device, args.seed)
+    mlp = point if args.model == "mlp" else build_problem("mlp", args.hidden, args.decay, device, args.seed)[0]
     terms = [1, 10, 100] if args.quick else [1, 10, 100, 1000]
     picture = plot_inverse(mlp, terms, args.out / "fig4_inverse_hessian.png")
 

@@ -1,41 +1,11 @@
 """Per-layer learning rates and momenta tuned online by truncated unrolling, against a fixed-rate grid.
 
-Lorraine et al. (2020, Section 4.3) note that the implicit function theorem cannot tune the
-optimiser's own hyperparameters: w*(λ), the minimum the IFT differentiates, does not depend on a
-learning rate or a momentum. Differentiating through the optimiser's last K updates does see them
-(Maclaurin et al. 2015; Shaban et al. 2019 for the truncation), and ``bilevel.BilevelOptimizer`` does
-exactly that with ``strategy=bilevel.Unroll(K)`` when ``inner`` is a callable
-``hparams -> GradientTransformation``: the optimiser is rebuilt from the current hyperparameters at
-every step, and the hyperstep backpropagates through its last K updates into them.
-
-Setup (default: scikit-learn's 8×8 digits, no download):
-
-* Splits: a clean validation set of ``--val-per-class`` images per class (default 25, so 250) from
-  the training split, the rest of it for training (1 007 images), the test split (540) for testing.
-* Model: an MLP 64–64–64–10 with ReLU (three ``nn.Linear`` layers), via ``bilevel.FunctionalModule``.
-* Inner optimiser: SGD with heavy-ball momentum in torch.optim's convention (first trace = gradient),
-  with one learning rate η_l and one momentum μ_l per layer, shared by its weight and bias:
-
-      v ← μ_l v + g,        w ← w − η_l v.
-
-  The hyperparameters are log η_l and logit μ_l (so η > 0 and 0 < μ < 1), six numbers in all.
-  torchopt 0.7.3 has no per-parameter-group rates, so ``per_layer_sgd`` below is a ten-line
-  ``GradientTransformation`` of its own.
-* L_T: cross-entropy on a minibatch of ``--batch-size`` training images (no hyperparameter appears
-  in it); L_V: cross-entropy on the whole validation set.
-* Tuned run: ``BilevelOptimizer(inner=lambda h: per_layer_sgd(...), strategy=Unroll(K),
-  inner_steps=K)``: every K = ``--unroll`` minibatch steps, one Adam step (``--outer-lr``) on the
-  six hyperparameters with the hypergradient through those K steps, starting from η = ``--init-lr``
-  and μ = ``--init-momentum`` in every layer.
-* Baseline: the same optimiser with one fixed learning rate for all layers, for each value of
-  ``--grid`` (default 0.01, 0.03, 0.1, 0.3, 1.0) and momentum ``--init-momentum``, on the same
-  minibatches from the same initial weights, for the same ``--steps``. The best grid value is the
-  one with the highest final validation accuracy; its test accuracy is the baseline's.
-
-Honest caveats. The hypergradient is greedy: it asks what the next K steps would have wanted, which
-favours rates that lower the validation loss *soon* (the short-horizon bias of Wu et al. 2018).
-The validation set both drives the tuned run and picks the grid's winner. And the comparison is one
-online run against the best of five runs.
+The implicit function theorem cannot tune an optimiser's own hyperparameters (Lorraine et al. 2020,
+Section 4.3); differentiating through its last K updates can. ``bilevel.BilevelOptimizer`` with
+``strategy=bilevel.Unroll(K)`` and a callable ``inner`` (hyperparameters -> optimiser) tunes one
+learning rate and one momentum per layer of an MLP on 8×8 digits while it trains, and the result is
+compared with the best of a grid of fixed rates trained on the same minibatches. Setup, caveats and
+measured results: docs/recipes/learning_rates.md.
 
 Run:  python recipes/learning_rates.py [--quick] [--steps 500] [--unroll 10] [--grid 0.01,0.1,1]
 """
@@ -46,6 +16,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -65,9 +36,7 @@ import bilevel
 NAME = "learning_rates"
 
 
-# ----------------------------------------------------------------------------- the optimiser
-
-
+# --8<-- [start:core]
 class PerLayerTrace(NamedTuple):
     """Momentum buffers, one per parameter tensor (a dict with the parameters' names)."""
 
@@ -93,39 +62,77 @@ def per_layer_sgd(lrs: Tensor, momenta: Tensor, layer_of: dict[str, int]) -> tor
     return torchopt.base.GradientTransformation(init_fn, update_fn)
 
 
-# ----------------------------------------------------------------------------------- problem
-
-
-def split(args: argparse.Namespace, generator: torch.Generator):
-    x, y, test_x, test_y = recipe_data.load_images(args.dataset, args.data_dir)
-    rest, val_idx = recipe_data.hold_out(y, args.val_per_class, generator)
-    return (x[rest], y[rest]), (x[val_idx], y[val_idx]), (test_x, test_y)
-
-
-def make_model(pixels: int, hidden: int, classes: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(pixels, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, classes),
+def make_model(args: argparse.Namespace, x: Tensor) -> tuple[bilevel.FunctionalModule, list[str], dict[str, int]]:
+    """The ReLU MLP pixels–hidden–hidden–classes on images like ``x`` as a pure function, with the same
+    initial weights for a given ``args.seed``; the names ``layer1``… of its Linear layers; and each
+    parameter's layer index."""
+    torch.manual_seed(args.seed)
+    h = args.hidden
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(x[0].numel(), h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, args.classes)
     )
-
-
-def layers_of(model: nn.Sequential) -> tuple[list[str], dict[str, int]]:
-    """Names ``layer1``… of the Linear layers, and each parameter's layer index."""
     linear = [name for name, m in model.named_children() if isinstance(m, nn.Linear)]
     layer_of = {f"{name}.{kind}": i for i, name in enumerate(linear) for kind in ("weight", "bias")}
-    return [f"layer{i + 1}" for i in range(len(linear))], layer_of
+    names = [f"layer{i + 1}" for i in range(len(linear))]
+    return bilevel.FunctionalModule(model.to(device=x.device, dtype=x.dtype)), names, layer_of
 
 
-def batches(n: int, size: int, generator: torch.Generator):
+def batches(n: int, size: int, seed: int) -> Iterator[Tensor]:
     """Minibatch indices forever: a fresh permutation per epoch, the last short batch dropped."""
+    generator = torch.Generator().manual_seed(seed)  # every run of a seed sees the same minibatches
     while True:
         perm = torch.randperm(n, generator=generator)
         for i in range(0, n - size + 1, size):
             yield perm[i : i + size]
+
+
+def tune_rates(
+    fm: bilevel.FunctionalModule,
+    layer_of: dict[str, int],
+    train: tuple[Tensor, Tensor],
+    val: tuple[Tensor, Tensor],
+    args: argparse.Namespace,
+) -> Iterator[tuple[bilevel.BilevelOptimizer, bilevel.StepResult]]:
+    """Algorithm 1 with ``Unroll(K)`` on per-layer log η_l and logit μ_l: ``args.steps`` minibatch
+    steps, every K-th (K = ``args.unroll``) also a hyperstep through the last K updates. Yields the
+    optimiser and the step's result after every step."""
+    x, y = train
+
+    def train_loss(params: dict, hparams: dict, idx: Tensor) -> Tensor:
+        return F.cross_entropy(fm(params, fm.state, x[idx])[0], y[idx])  # no hyperparameter in L_T
+
+    def val_loss(params: dict, hparams: dict, batch: tuple[Tensor, Tensor]) -> Tensor:
+        return F.cross_entropy(fm(params, fm.state, batch[0])[0], batch[1])
+
+    def inner(h: dict) -> torchopt.base.GradientTransformation:  # rebuilt from the hyperparameters every step
+        return per_layer_sgd(h["log_lr"].exp(), torch.sigmoid(h["logit_momentum"]), layer_of)
+
+    layers, like = len(set(layer_of.values())), dict(dtype=x.dtype, device=x.device)
+    hparams = {
+        "log_lr": torch.full((layers,), math.log(args.init_lr), **like),
+        "logit_momentum": torch.full((layers,), math.log(args.init_momentum / (1 - args.init_momentum)), **like),
+    }
+    opt = bilevel.BilevelOptimizer(
+        train_loss,
+        val_loss,
+        fm.params,
+        hparams,
+        inner=inner,
+        outer=torchopt.adam(args.outer_lr),
+        strategy=bilevel.Unroll(args.unroll),
+        inner_steps=args.unroll,
+        seed=args.seed,
+        check=args.check,
+    )
+    order = batches(len(y), args.batch_size, args.seed)
+    for _ in range(args.steps):
+        yield opt, opt.step(next(order).to(x.device), val)
+
+
+# --8<-- [end:core]
+
+
+# ------------------------------------------------------------------------------------- evaluation
 
 
 @torch.no_grad()
@@ -156,23 +163,17 @@ class Curves:
 # ------------------------------------------------------------------------------------------- runs
 
 
-def fresh(args: argparse.Namespace, train, device: torch.device):
-    torch.manual_seed(args.seed)  # every run starts from the same weights
-    model = make_model(train[0][0].numel(), args.hidden, args.classes)
-    names, layer_of = layers_of(model)
-    return bilevel.FunctionalModule(model.to(device=device, dtype=train[0].dtype)), names, layer_of
-
-
-def train_fixed(lr: float, args: argparse.Namespace, data, device: torch.device, update) -> dict[str, Any]:
-    """Plain training with one fixed rate and momentum in every layer; the tuned run's minibatches."""
+def train_fixed(lr: float, args: argparse.Namespace, data, update) -> dict[str, Any]:
+    """The baseline: plain training with one fixed rate and momentum in every layer, on the tuned run's
+    minibatches from its initial weights."""
     train, val, test = data
-    fm, names, layer_of = fresh(args, train, device)
-    rates = torch.full((len(names),), lr, dtype=train[0].dtype, device=device)
+    x, y = train
+    fm, names, layer_of = make_model(args, x)
+    rates = torch.full((len(names),), lr, dtype=x.dtype, device=x.device)
     momenta = torch.full_like(rates, args.init_momentum)
     sgd = per_layer_sgd(rates, momenta, layer_of)
     params = {k: v.detach().clone() for k, v in fm.params.items()}
     state = sgd.init(params)
-    x, y = train
 
     def loss(p: dict, idx: Tensor) -> Tensor:
         return F.cross_entropy(fm(p, fm.state, x[idx])[0], y[idx])
@@ -180,54 +181,25 @@ def train_fixed(lr: float, args: argparse.Namespace, data, device: torch.device,
     grad = torch.func.grad(loss)
     curves = Curves(fm, val, test, args.record_every)
     curves.maybe(0, params)
-    order = batches(len(y), args.batch_size, torch.Generator().manual_seed(args.seed))
+    order = batches(len(y), args.batch_size, args.seed)
     for step in range(1, args.steps + 1):
-        updates, state = sgd.update(grad(params, next(order).to(device)), state)
+        updates, state = sgd.update(grad(params, next(order).to(x.device)), state)
         params = torchopt.apply_updates(params, updates)
         curves.maybe(step, params, last=step == args.steps)
         update(advance=1, run=f"lr={lr:g}")
     return curves.data
 
 
-def train_tuned(args: argparse.Namespace, data, device: torch.device, update) -> tuple[dict, dict]:
-    """Algorithm 1 with Unroll(K) on the per-layer log-rates and logit-momenta."""
+def train_tuned(args: argparse.Namespace, data, update) -> tuple[dict, dict]:
+    """:func:`tune_rates` from the grid's initial weights, with its curves and the rates and momenta
+    after every hyperstep."""
     train, val, test = data
-    fm, names, layer_of = fresh(args, train, device)
-    x, y = train
-
-    def train_loss(params: dict, hparams: dict, idx: Tensor) -> Tensor:
-        return F.cross_entropy(fm(params, fm.state, x[idx])[0], y[idx])
-
-    def val_loss(params: dict, hparams: dict, batch: tuple[Tensor, Tensor]) -> Tensor:
-        return F.cross_entropy(fm(params, fm.state, batch[0])[0], batch[1])
-
-    def inner(h: dict) -> torchopt.base.GradientTransformation:
-        return per_layer_sgd(h["log_lr"].exp(), torch.sigmoid(h["logit_momentum"]), layer_of)
-
-    like = dict(dtype=train[0].dtype, device=device)
-    hparams = {
-        "log_lr": torch.full((len(names),), math.log(args.init_lr), **like),
-        "logit_momentum": torch.full((len(names),), math.log(args.init_momentum / (1 - args.init_momentum)), **like),
-    }
-    opt = bilevel.BilevelOptimizer(
-        train_loss,
-        val_loss,
-        fm.params,
-        hparams,
-        inner=inner,
-        outer=torchopt.adam(args.outer_lr),
-        strategy=bilevel.Unroll(args.unroll),
-        inner_steps=args.unroll,
-        seed=args.seed,
-        check=args.check,
-    )
+    fm, names, layer_of = make_model(args, train[0])
     trajectory: dict[str, Any] = {"step": [0], "lr": {n: [args.init_lr] for n in names}}
     trajectory["momentum"] = {n: [args.init_momentum] for n in names}
     curves = Curves(fm, val, test, args.record_every)
-    curves.maybe(0, opt.params)
-    order = batches(len(y), args.batch_size, torch.Generator().manual_seed(args.seed))
-    for step in range(1, args.steps + 1):
-        result = opt.step(next(order).to(device), val)
+    curves.maybe(0, fm.params)
+    for step, (opt, result) in enumerate(tune_rates(fm, layer_of, train, val, args), start=1):
         if result.hyper is not None:
             trajectory["step"].append(step)
             for i, n in enumerate(names):
@@ -267,10 +239,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.steps = args.steps if args.steps is not None else (300 if args.quick else 500)
     grid = args.grid or ("0.01,0.1,1" if args.quick else "0.01,0.03,0.1,0.3,1")
     try:
-        args.grid = [float(v) for v in grid.split(",") if v.strip()]
-    except ValueError:
-        parser.error(f"--grid {grid!r}: expected comma-separated learning rates such as 0.01,0.1,1")
-    if not args.grid or not all(math.isfinite(v) and v > 0 for v in args.grid):
+        args.grid = recipe_common.numbers_flag(grid)
+    except ValueError as err:
+        parser.error(f"--grid {err}: expected comma-separated learning rates such as 0.01,0.1,1")
+    if not all(math.isfinite(v) and v > 0 for v in args.grid):
         parser.error(f"--grid {grid!r}: expected comma-separated learning rates > 0 such as 0.01,0.1,1")
     recipe_common.require(parser, args, ("steps", "batch_size", "unroll", "val_per_class", "hidden"))
     if args.unroll > args.steps:
@@ -283,16 +255,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    device = recipe_common.prepare(args)  # --out and --device checked before any work
-    with recipe_common.one_thread(device.type == "cpu"):
-        return run(args, device)
+    return recipe_common.main(run, parse_args(argv))
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     started = time.perf_counter()
     generator = recipe_common.seed_everything(args.seed)
-    train, val, test = split(args, generator)
+    train, val, test = recipe_data.clean_split(args.dataset, args.data_dir, args.val_per_class, generator)
     if len(train[1]) < args.batch_size:
         raise ValueError(f"--batch-size {args.batch_size}: only {len(train[1])} training images.")
     args.classes = int(max(train[1].max(), val[1].max(), test[1].max())) + 1
@@ -303,11 +272,11 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     times: dict[str, float] = {}
     with recipe_common.progress("learning rates", total=args.steps * (1 + len(args.grid))) as update:
         clock = time.perf_counter()
-        tuned, trajectory = train_tuned(args, data, device, update)
+        tuned, trajectory = train_tuned(args, data, update)
         times["tuned"] = time.perf_counter() - clock
         for lr in args.grid:
             clock = time.perf_counter()
-            grid[f"{lr:g}"] = train_fixed(lr, args, data, device, update)
+            grid[f"{lr:g}"] = train_fixed(lr, args, data, update)
             times[f"lr={lr:g}"] = time.perf_counter() - clock
 
     best = max(grid, key=lambda k: grid[k]["val_acc"][-1])  # chosen on validation, as a user would

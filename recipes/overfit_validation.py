@@ -1,37 +1,11 @@
-"""Overfitting a small validation set with one weight decay per weight: Section 5.2, Fig. 5 and Fig. 10.
+"""Overfit 50 validation examples by tuning one weight decay per weight: Section 5.2, Fig. 5 and Fig. 10.
 
-Lorraine et al. (2020) check the capacity of Algorithm 1 by tuning a separate weight-decay
-hyperparameter for every weight on only 50 training and 50 validation examples: the
-hyperparameters alone must steer the trained weights until the *validation* set is classified
-perfectly, while test accuracy — data neither level sees — stays clearly lower.
-
-Setup (defaults: scikit-learn's 8×8 digits, no download):
-
-* 50 training and 50 validation images, stratified (5 per class each), drawn from the training
-  split; the test set is everything else (for digits, which has no official test split, all
-  remaining images; for MNIST / CIFAR-10 the standard test partition, as in the paper).
-* Models, ordinary ``nn.Module`` objects made pure functions of their weights (and buffers) by
-  ``bilevel.FunctionalModule``: logistic regression (``linear``), a 1-hidden-layer ReLU MLP with as
-  many hidden units as input pixels (``mlp``, as in the paper's appendix E.1), a small LeNet-style
-  CNN (``cnn``), and the same CNN with BatchNorm after each convolution and dropout (p = 0.1)
-  before each fully connected layer (``bncnn``): its training loss runs in train mode (batch
-  statistics, dropout on), its validation loss and every reported accuracy in eval mode, and the
-  BatchNorm running statistics are model state that only the inner steps change.
-* L_T(w, λ) = CE(train) + Σ_i exp(λ_i) w_i² — one λ_i per weight and bias, so the number of
-  hyperparameters equals the number of weights; exp keeps every decay positive. L_V(w) = CE(val).
-* ``bilevel.BilevelOptimizer`` (Algorithm 1): ``inner_steps`` Adam updates of the weights, then one
-  RMSprop update of λ with a 5-term Neumann hypergradient (Algorithm 3).
-
-Departures from the paper's optimiser setup (Adam 1e-4 for weights, RMSprop 1e-2 for
-hyperparameters), each with its reason:
-
-* Weights: Adam **3e-3** instead of 1e-4, so that all three models finish in minutes on a CPU
-  (with 1e-4 the same run needs ~30× more steps). Adam 1e-2 trained faster still but made the MLP
-  and CNN runs erratic.
-* Neumann step size ``alpha="auto"`` (1/λ_max by power iteration, refreshed every 10 hypersteps)
-  rather than a fixed α: as the weights grow the CE Hessian's λ_max passes 2/α for a fixed
-  α = 0.1, the series diverges, and the hyperparameters then walk in a useless direction.
-* Hyperparameters: RMSprop 1e-2, as in the paper.
+With only 50 training and 50 validation images and one log-decay λ_i per weight,
+L_T = CE(train) + ½ Σ e^λ_i w_i² and L_V = CE(val), Algorithm 1 (``bilevel.BilevelOptimizer``:
+Adam on the weights, RMSprop on λ, Neumann hypergradients) must steer the weights until the
+validation set is classified perfectly, while test accuracy stays lower. Four models: logistic
+regression, an MLP, a LeNet-style CNN, and that CNN with BatchNorm and dropout. Setup, departures
+from the paper and results: docs/recipes/overfit_validation.md.
 
 Run:  python recipes/overfit_validation.py [--quick] [--models linear,mlp,cnn,bncnn]
                                            [--dataset digits|mnist|cifar10 --data-dir DIR] [--out DIR]
@@ -41,9 +15,11 @@ Data-parallel (each rank steps on its shard of the 50 + 50 examples; same update
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,33 +39,10 @@ NAME = "overfit_validation"
 MODELS = ("linear", "mlp", "cnn", "bncnn")
 
 
-# ----------------------------------------------------------------------------------------- data
-
-
-def split(dataset: str, data_dir: str | None, per_class: int, generator: torch.Generator):
-    """(train, val, test) as (x, y) pairs: ``per_class`` examples of each class for train and val."""
-    x, y, test_x, test_y = recipe_data.load_images(dataset, data_dir)
-    counts = torch.bincount(y)
-    if counts.numel() < 2 or int(counts.min()) < 2 * per_class:
-        raise ValueError(
-            f"--dataset {dataset}: every class needs >= {2 * per_class} training images for the "
-            f"{per_class}+{per_class} per class split, found class counts {counts.tolist()}."
-        )
-    train_idx = recipe_data.stratified_subset(y, per_class, generator)
-    left = torch.ones(len(y), dtype=torch.bool)
-    left[train_idx] = False
-    rest = torch.nonzero(left).flatten()
-    val_idx = rest[recipe_data.stratified_subset(y[rest], per_class, generator)]
-    left[val_idx] = False
-    if dataset == "digits":  # no official test split: everything not used for train/val
-        test_x, test_y = torch.cat([x[left], test_x]), torch.cat([y[left], test_y])
-    return (x[train_idx], y[train_idx]), (x[val_idx], y[val_idx]), (test_x, test_y)
-
-
-# --------------------------------------------------------------------------------------- models
-
-
+# --8<-- [start:core]
 def make_model(kind: str, image_shape: tuple[int, int, int], classes: int) -> nn.Module:
+    """An ordinary ``nn.Module``: logistic regression, a 1-hidden-layer MLP, a LeNet-style CNN, or that CNN
+    with BatchNorm and dropout (``bncnn``)."""
     channels, height, width = image_shape
     pixels = channels * height * width
     if kind == "linear":
@@ -122,7 +75,7 @@ def make_model(kind: str, image_shape: tuple[int, int, int], classes: int) -> nn
 
 
 def make_losses(fm: bilevel.FunctionalModule):
-    """L_T = CE (train mode) + Σ exp(λ) w² (one log-decay per weight) and L_V = CE (eval mode)."""
+    """L_T = CE (train mode) + ½ Σ e^λ w² (one log-decay per weight) and L_V = CE (eval mode)."""
 
     def cross_entropy(params: dict, state: dict, batch: tuple, train: bool) -> tuple[Tensor, dict]:
         x, y, *weight = batch  # under torchrun: (x, y, weight) of this rank's shard (recipe_common.shard)
@@ -140,30 +93,13 @@ def make_losses(fm: bilevel.FunctionalModule):
     return train_loss, val_loss
 
 
-@torch.no_grad()
-def accuracy(fm: bilevel.FunctionalModule, params: dict, state: dict, data: tuple[Tensor, Tensor]) -> float:
-    x, y = data
-    chunk = 2048
-    correct = sum(
-        int((fm(params, state, x[i : i + chunk], train=False)[0].argmax(-1) == y[i : i + chunk]).sum())
-        for i in range(0, len(x), chunk)
-    )
-    return correct / len(x)
-
-
-# ------------------------------------------------------------------------------------------ run
-
-
-def run_model(kind: str, args, data, device: torch.device, update) -> tuple[dict[str, Any], dict[str, list]]:
-    train, val, test = data
-    rank, world = args.rank, args.world
-    # Under torchrun each rank steps on its own shard; the optimiser averages over ranks, so every rank
-    # applies the full-batch update. Evaluation below uses the full sets (identical on every rank).
-    train_shard = recipe_common.shard(*train, rank, world)
-    val_shard = recipe_common.shard(*val, rank, world)
-    recipe_common.seed_everything(args.seed)
-    model = make_model(kind, tuple(train[0].shape[1:]), int(train[1].max()) + 1)
-    fm = bilevel.FunctionalModule(model.to(device=device, dtype=train[0].dtype))
+def tune_decays(
+    fm, train: tuple, val: tuple, args: argparse.Namespace, after_step: Callable
+) -> bilevel.BilevelOptimizer:
+    """Algorithm 1 with one log-decay per weight, all starting at ``args.init_decay``: Adam steps on the
+    weights, an RMSprop step on the decays after every ``args.inner_steps`` of them, and
+    ``after_step(opt, result)`` after every step; returns the optimiser. Under torchrun ``train`` and
+    ``val`` are this rank's (x, y, weight) shards and the optimiser averages over the ranks."""
     hparams = {k: torch.full_like(v, math.log(args.init_decay)) for k, v in fm.params.items()}
     train_loss, val_loss = make_losses(fm)
     opt = bilevel.BilevelOptimizer(
@@ -175,43 +111,93 @@ def run_model(kind: str, args, data, device: torch.device, update) -> tuple[dict
         seed=args.seed,
         inner=torchopt.adam(args.inner_lr),
         outer=torchopt.rmsprop(args.outer_lr),
+        # 5 terms (4 HVPs); α = 1/λ_max re-estimated every 10 hypersteps: a fixed α let the series diverge
         strategy=bilevel.Neumann(steps=5, alpha="auto", refresh_every=10),
         inner_steps=args.inner_steps,
         # shard() weights each rank's mean loss by its share, so unequal shards average exactly
-        distributed=bilevel.DataParallel(check_shards=False) if world > 1 else None,
+        distributed=bilevel.DataParallel(check_shards=False) if args.world > 1 else None,
         check=args.check,
     )
+    for _ in range(args.steps // args.inner_steps * args.inner_steps):
+        after_step(opt, opt.step(train, val))
+    return opt
+
+
+# --8<-- [end:core]
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+def split(dataset: str, data_dir: str | None, per_class: int, generator: torch.Generator):
+    """(train, val, test) as (x, y) pairs: ``per_class`` examples of each class for train and val."""
+    x, y, test_x, test_y = recipe_data.load_images(dataset, data_dir)
+    counts = torch.bincount(y)
+    if counts.numel() < 2 or int(counts.min()) < 2 * per_class:
+        raise ValueError(
+            f"--dataset {dataset}: every class needs >= {2 * per_class} training images for the "
+            f"{per_class}+{per_class} per class split, found class counts {counts.tolist()}."
+        )
+    train_idx = recipe_data.stratified_subset(y, per_class, generator)
+    left = torch.ones(len(y), dtype=torch.bool)
+    left[train_idx] = False
+    rest = torch.nonzero(left).flatten()
+    val_idx = rest[recipe_data.stratified_subset(y[rest], per_class, generator)]
+    left[val_idx] = False
+    if dataset == "digits":  # no official test split: everything not used for train/val
+        test_x, test_y = torch.cat([x[left], test_x]), torch.cat([y[left], test_y])
+    return (x[train_idx], y[train_idx]), (x[val_idx], y[val_idx]), (test_x, test_y)
+
+
+# ------------------------------------------------------------------------------------------ run
+
+
+def run_model(kind: str, args, data, device: torch.device, update) -> tuple[dict[str, Any], dict[str, list]]:
+    """Train one model with :func:`tune_decays`, recording train/validation/test error ~100 times."""
+    train, val, test = data
+    recipe_common.seed_everything(args.seed)
+    model = make_model(kind, tuple(train[0].shape[1:]), int(train[1].max()) + 1)
+    fm = bilevel.FunctionalModule(model.to(device=device, dtype=train[0].dtype))
     hypersteps = args.steps // args.inner_steps
     every = max(1, hypersteps // 100)  # ~100 points per curve
     history: dict[str, list] = {"hyperstep": [], "train_err": [], "val_err": [], "test_err": []}
 
-    def record() -> tuple[float, float, float]:
-        accs = [accuracy(fm, opt.params, opt.state, part) for part in (train, val, test)]
-        history["hyperstep"].append(opt.hypersteps)
+    def record(params: dict, state: dict, hyperstep: int) -> list[float]:
+        """Accuracies on the full train, validation and test sets (the same on every rank), in eval mode."""
+        accs = [
+            recipe_common.accuracy(lambda x: fm(params, state, x, train=False)[0], *part, chunk=2048)
+            for part in (train, val, test)
+        ]
+        history["hyperstep"].append(hyperstep)
         for name, acc in zip(("train_err", "val_err", "test_err"), accs):
             history[name].append(1.0 - acc)
-        return accs[0], accs[1], accs[2]
+        return accs
 
-    record()
     status: dict[str, Any] = {"model": kind}
-    for _ in range(hypersteps * args.inner_steps):
-        result = opt.step(train_shard, val_shard)
+
+    def after_step(opt: bilevel.BilevelOptimizer, result: bilevel.StepResult) -> None:
         if result.hyper is not None:
             hyper = result.hyper
             status.update(
                 train_loss=float(result.loss), val_loss=float(hyper.val_loss), hypergrad=float(hyper.grad_norm)
             )
             if opt.hypersteps % every == 0 or opt.hypersteps == hypersteps:
-                status["val_acc"] = record()[1]
+                status["val_acc"] = record(opt.params, opt.state, opt.hypersteps)[1]
         update(advance=1, **status)
+
+    record(fm.params, fm.state, 0)
+    # Under torchrun each rank steps on its own shard; the optimiser averages over ranks, so every rank
+    # applies the full-batch update.
+    shards = [recipe_common.shard(*part, args.rank, args.world) for part in (train, val)]
+    opt = tune_decays(fm, *shards, args, after_step)
     train_acc, val_acc, test_acc = (1.0 - history[k][-1] for k in ("train_err", "val_err", "test_err"))
     summary = {
         "train_acc": train_acc,
         "val_acc": val_acc,
         "test_acc": test_acc,
-        "n_hparams": sum(h.numel() for h in hparams.values()),
+        "n_hparams": sum(h.numel() for h in opt.hparams.values()),
     }
-    if opt.skipped_outer_steps and rank == 0:
+    if opt.skipped_outer_steps and args.rank == 0:
         print(f"{kind}: {opt.skipped_outer_steps} hyperstep(s) skipped as non-finite")
     recipe_common.print_check(opt)
     return summary, history
@@ -231,10 +217,8 @@ def plot(histories: dict[str, dict[str, list]], results: dict[str, Any], path: P
     plt.close(fig)
 
 
-def parse_args(argv: list[str] | None):
-    parser = recipe_common.base_parser(
-        NAME, "Section 5.2: overfit 50 validation examples by tuning one weight decay per weight (Fig. 5, 10)."
-    )
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = recipe_common.base_parser(NAME, __doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=("digits", "mnist", "cifar10"), default="digits")
     parser.add_argument("--data-dir", default=None, help="folder with the MNIST IDX / CIFAR-10 pickle files")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of linear,mlp,cnn,bncnn")
@@ -245,23 +229,18 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--init-decay", type=float, default=1e-3, help="initial weight decay of every weight")
     args = parser.parse_args(argv)
     args.steps = args.steps if args.steps is not None else (500 if args.quick else 4000)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in args.models if m not in MODELS]
-    if unknown or not args.models:
-        parser.error(f"--models {','.join(args.models)!r}: expected a comma-separated subset of {','.join(MODELS)}")
+    args.models = recipe_common.subset_flag(parser, "models", args.models, MODELS)
     if args.inner_steps < 1 or args.steps < args.inner_steps:
         parser.error(f"--steps {args.steps} / --inner-steps {args.inner_steps}: need 1 <= inner-steps <= steps")
-    for flag, value, positive in (
-        ("--inner-lr", args.inner_lr, True),
-        ("--outer-lr", args.outer_lr, False),
-        ("--init-decay", args.init_decay, True),
-    ):
-        if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
-            parser.error(f"{flag} {value}: must be a finite number {'> 0' if positive else '>= 0'}")
+    recipe_common.require(parser, args, positive=("inner_lr", "init_decay"))
+    if not (math.isfinite(args.outer_lr) and args.outer_lr >= 0):  # 0 freezes the decays
+        parser.error(f"--outer-lr {args.outer_lr}: must be a finite number >= 0.")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
+    # not recipe_common.main: this recipe also joins torchrun's process group, and takes one thread only
+    # for digits (MNIST and CIFAR-10 are large enough to use more)
     args = parse_args(argv)
     device = recipe_common.prepare(args)  # --out and --device checked before any work
     with recipe_common.distributed(device) as (args.rank, args.world, device):

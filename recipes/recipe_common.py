@@ -410,3 +410,74 @@ def write_results(out: Path, results: dict[str, Any]) -> Path:
     path = out / "results.json"
     path.write_text(json.dumps(_plain(results), indent=2) + "\n")
     return path
+
+
+# ------------------------------------------------------------------ resumable experiments (--checkpoint)
+
+
+def given(value: Any, default: Any) -> Any:
+    """A flag's value, or ``default`` where it was left at None (a default that depends on --quick)."""
+    return default if value is None else value
+
+
+def check_counts(values: dict[str, Any], keys: tuple[str, ...], minimum: int = 1) -> None:
+    """A ValueError naming the flag unless each ``values[key]`` is an integer >= ``minimum``."""
+    for key in keys:
+        if not isinstance(values[key], int) or values[key] < minimum:
+            raise ValueError(f"`--{key.replace('_', '-')} {values[key]}`: must be an integer >= {minimum}.")
+
+
+def checkpoint_flags(parser: argparse.ArgumentParser, every: int) -> None:
+    """``--checkpoint PATH``, ``--checkpoint-every K`` (hyper-periods) and the tests' hidden ``--stop-after``."""
+    parser.add_argument("--checkpoint", type=Path, default=None, help="save/resume file")
+    parser.add_argument("--checkpoint-every", type=int, default=every, help="hyper-periods between checkpoint saves")
+    parser.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
+
+
+def check_stop_after(args: argparse.Namespace) -> None:
+    if args.stop_after is not None and (args.stop_after < 1 or args.checkpoint is None):
+        raise ValueError(f"`--stop-after {args.stop_after}`: must be an integer >= 1 and needs --checkpoint.")
+
+
+def resume(args: argparse.Namespace, *ignore: str) -> dict[str, Any]:
+    """The progress record of an experiment made of named runs, as ``--checkpoint`` holds it (fresh
+    without one): ``periods`` (hyper-periods done), ``done`` (results of finished runs by name),
+    ``current`` (the running run's state at the last save) and ``path``. The flags, except the
+    checkpoint flags, ``--out`` and ``ignore``, must be those of the run that wrote it."""
+    skip = {"checkpoint", "stop_after", "out", "checkpoint_every", *ignore}
+    fingerprint = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in skip}
+    ckpt: dict[str, Any] = {"fingerprint": fingerprint, "periods": 0, "done": {}, "current": None}
+    ckpt.update(load_checkpoint(args.checkpoint, fingerprint) or {})
+    ckpt["path"] = args.checkpoint
+    return ckpt
+
+
+def save_progress(ckpt: dict[str, Any]) -> None:
+    """Write the record of :func:`resume` to its ``--checkpoint`` path (nothing without one)."""
+    save_checkpoint(ckpt["path"], {k: ckpt[k] for k in ("fingerprint", "periods", "done", "current")})
+
+
+def end_period(ckpt: dict[str, Any], args: argparse.Namespace, current: Any) -> None:
+    """Count a finished hyper-period; every ``--checkpoint-every`` periods save, with ``current()`` (the
+    running run's state) as ``current``; raise Stop once ``--stop-after`` periods are done (a simulated
+    kill: what was not saved is lost)."""
+    ckpt["periods"] += 1
+    if ckpt["path"] is not None and ckpt["periods"] % args.checkpoint_every == 0:
+        ckpt["current"] = current()
+        save_progress(ckpt)
+    if args.stop_after is not None and ckpt["periods"] >= args.stop_after:
+        raise Stop
+
+
+def run_pending(ckpt: dict[str, Any], runs: dict[str, Any]) -> bool:
+    """Call, in order, each of ``runs`` (name → function of no arguments) not yet ``done``, saving its
+    result; False if ``--stop-after`` stopped one."""
+    try:
+        for name, run in runs.items():
+            if name not in ckpt["done"]:
+                ckpt["done"][name] = run()
+                ckpt["current"] = None
+                save_progress(ckpt)
+    except Stop:
+        return False
+    return True

@@ -14,6 +14,7 @@ import pickle
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -208,6 +209,41 @@ def hold_out(y: Tensor, per_class: int, generator: torch.Generator) -> tuple[Ten
     return torch.nonzero(left).flatten(), val_idx
 
 
+def clean_split(
+    dataset: str, data_dir: str | Path | None, val_per_class: int, generator: torch.Generator
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """(train, val, test) as (x, y) pairs: ``val_per_class`` validation images of each class held
+    out of the training split (stratified, drawn with ``generator``), the rest, and the test split."""
+    x, y, test_x, test_y = load_images(dataset, data_dir)
+    rest, val_idx = hold_out(y, val_per_class, generator)
+    return (x[rest], y[rest]), (x[val_idx], y[val_idx]), (test_x, test_y)
+
+
 def default_device() -> str:
     """ "cuda" when a GPU is visible, else "cpu"."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------------------- fitting to convergence
+
+
+def fit_lbfgs(
+    train_loss, params: dict[str, Tensor], hparams: dict[str, Tensor], batch, max_iter: int, **options: Any
+) -> dict[str, Tensor]:
+    """w*(λ) at fixed hyperparameters: ``train_loss(w, hparams, batch)`` (``bilevel.BilevelOptimizer``'s
+    signature) minimised from ``params`` by L-BFGS with a strong-Wolfe line search. For a convex loss,
+    such as a regularised logistic regression, this reaches its unique minimiser. ``options`` override
+    ``torch.optim.LBFGS``'s settings below."""
+    hparams = {k: v.detach() for k, v in hparams.items()}
+    w = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    settings = {"tolerance_grad": 1e-5, "tolerance_change": 1e-10, "history_size": 20, **options}
+    opt = torch.optim.LBFGS(list(w.values()), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe", **settings)
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = train_loss(w, hparams, batch)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return {k: v.detach() for k, v in w.items()}

@@ -1,40 +1,10 @@
 """How big should the validation split be? Section 5.6 and Fig. 9 of Lorraine et al. (2020).
 
-Logistic regression on the bundled 8×8 digits. The training data is split into a training part
-and a validation part of proportion p, and the weight decay is tuned with ``bilevel`` in two
-regimes:
-
-* **global**: one hyperparameter, L_T = CE + exp(λ)·‖W‖²;
-* **per-weight**: one hyperparameter per weight (640), L_T = CE + Σᵢ exp(λᵢ)·Wᵢ².
-
-The decays are log-parametrised (exp keeps them positive; nothing is projected) and the bias is
-not decayed. Weights and decays are optimised jointly with ``bilevel.BilevelOptimizer``
-(Algorithm 1). For every p we report the test accuracy of
-
-* **no re-training**: the jointly optimised weights, which saw only the (1 − p) training part;
-* **re-training**: a fresh logistic regression trained from scratch on training + validation data
-  with the tuned decays held fixed (minimised to convergence with L-BFGS),
-
-each averaged over ``--repeats`` random splits. The paper (on MNIST) finds that with one
-hyperparameter the best p is small either way, while with many hyperparameters the best p becomes
-large once one re-trains. This recipe measures the same four curves on digits; see its docs page
-for what they show.
-
-Defaults that differ from the paper's Adam 1e-4 / RMSprop 1e-2 (Appendix E), with the reason:
-
-* inner optimiser Adam **1e-2**: the IFT hypergradient assumes w ≈ w*(λ). Adam moves a weight by
-  at most about its learning rate per step, a run has 1 100 inner steps, and the well-regularised
-  solution has weights up to ~4 (mean |W| ≈ 0.65 at decay 1e-4): at 1e-4 the weights could
-  travel 0.11 at most and would never get near w*.
-* outer optimiser RMSprop **1e-1**: RMSprop also moves each hyperparameter by roughly its learning
-  rate per hyperstep, and a log-decay has to travel several units here (ln(1e-2 / 1e-4) ≈ 4.6)
-  within 100 hypersteps; at 1e-2 the global decay was still falling steadily after 300 hypersteps.
-* hypergradient by conjugate gradients (``ConjugateGradient(maxiter=20)``), not the paper's
-  Neumann series: the inner problem is convex, and CG is more accurate per Hessian-vector product
-  (Fig. 3 of the paper).
-
-Every decay starts at ``--init-decay`` 1e-2, which over-regularises (0.924 test accuracy when
-training on all the data, against 0.970 at 1e-4), so the tuning has something to find.
+Logistic regression on the bundled 8×8 digits: for each validation proportion p of the training
+data, the weight decay is tuned with ``bilevel`` in two regimes, one global decay and one decay per
+weight (640), and the test accuracy is measured with and without re-training on training +
+validation data, averaged over ``--repeats`` random splits. Derivations, defaults and what the
+curves show: docs/recipes/validation_split.md.
 
 Run:  python recipes/validation_split.py [--quick] [--proportions 0.1,0.5,0.9] [--repeats R]
 """
@@ -67,9 +37,7 @@ REGIMES = ("global", "per_weight")
 MODES = ("no_retrain", "retrain")
 
 
-# ---------------------------------------------------------------------------------------- problem
-
-
+# --8<-- [start:core]
 def logits(params: dict[str, Tensor], x: Tensor) -> Tensor:
     """Multinomial logistic regression on flattened pixels."""
     return x.flatten(1) @ params["weight"] + params["bias"]
@@ -97,43 +65,15 @@ def zero_model(n_features: int, device: torch.device) -> dict[str, Tensor]:
     }
 
 
-def fit_from_scratch(x: Tensor, y: Tensor, log_decay: Tensor, max_iter: int = 300) -> dict[str, Tensor]:
-    """Minimise CE + Σ exp(λ) W² from zero with L-BFGS: the convex problem's unique minimiser."""
-    log_decay = log_decay.detach()
-    w = {k: v.requires_grad_(True) for k, v in zero_model(x[0].numel(), x.device).items()}
-    opt = torch.optim.LBFGS(
-        list(w.values()),
-        lr=1.0,
-        max_iter=max_iter,
-        tolerance_grad=1e-5,
-        tolerance_change=1e-10,
-        history_size=20,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = train_loss(w, {"log_decay": log_decay}, (x, y))
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return {k: v.detach() for k, v in w.items()}
-
-
-@torch.no_grad()
-def accuracy(params: dict[str, Tensor], x: Tensor, y: Tensor) -> float:
-    return int((logits(params, x).argmax(1) == y).sum()) / len(y)
-
-
 def tune(
     regime: str,
     train: tuple[Tensor, Tensor],
     val: tuple[Tensor, Tensor],
     args: argparse.Namespace,
     update: Any,
-) -> tuple[dict[str, Tensor], Tensor]:
-    """Jointly optimise weights and log-decays (Algorithm 1); return the final weights and λ."""
+) -> bilevel.BilevelOptimizer:
+    """Jointly optimise weights and log-decays (Algorithm 1), the weights first brought near w*(λ₀);
+    the optimiser holds the final weights ``opt.params`` and λ ``opt.hparams["log_decay"]``."""
     x = train[0]
     shape = () if regime == "global" else (x[0].numel(), N_CLASSES)
     log_decay = torch.full(shape, math.log(args.init_decay), dtype=DTYPE, device=x.device)
@@ -148,15 +88,30 @@ def tune(
         inner_steps=args.inner_steps,
         check=args.check,
     )
-    for _ in range(args.warmup):  # bring w near w*(λ₀) before the first hypergradient
+    for _ in range(args.warmup):  # the IFT hypergradient assumes w ≈ w*(λ)
         opt.inner_step(train)
     for _ in range(args.hypersteps):
         for _ in range(args.inner_steps):
             result = opt.step(train, val)
         decay = opt.hparams["log_decay"].exp()
         update(train=float(result.loss), val=float(result.hyper.val_loss), decay=float(decay.mean()))
-    recipe_common.print_check(opt)
-    return opt.params, opt.hparams["log_decay"]
+    return opt
+
+
+# --8<-- [end:core]
+
+
+# ---------------------------------------------------------------------------------- evaluation
+
+
+def fit_from_scratch(x: Tensor, y: Tensor, log_decay: Tensor) -> dict[str, Tensor]:
+    """A fresh model minimising L_T = CE + ½ Σ exp(λ) W² from zero with L-BFGS (the convex problem's
+    unique minimiser) at fixed decays."""
+    return recipe_data.fit_lbfgs(train_loss, zero_model(x[0].numel(), x.device), {"log_decay": log_decay}, (x, y), 300)
+
+
+def accuracy(params: dict[str, Tensor], x: Tensor, y: Tensor) -> float:
+    return recipe_common.accuracy(lambda chunk: logits(params, chunk), x, y)
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -164,10 +119,10 @@ def tune(
 
 def parse_proportions(text: str) -> list[float]:
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
-    if not values or not all(0 < v < 1 for v in values):
+        values = recipe_common.numbers_flag(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if not all(0 < v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"{text!r}: every proportion must lie strictly between 0 and 1")
     return sorted(values)
 
@@ -198,17 +153,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     args.hypersteps = args.hypersteps if args.hypersteps is not None else (20 if args.quick else 100)
     recipe_common.require(parser, args, ("repeats", "hypersteps", "inner_steps"))
-    if args.warmup < 0:
-        parser.error(f"--warmup {args.warmup}: must be an integer >= 0.")
+    if args.warmup < 0 or args.warmup % args.inner_steps:
+        # BilevelOptimizer counts the warm-up's inner steps too: a hyperstep comes every inner_steps-th step.
+        parser.error(f"--warmup {args.warmup}: must be an integer >= 0 and a multiple of --inner-steps.")
     recipe_common.require(parser, args, positive=("inner_lr", "outer_lr", "init_decay"))
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    device = recipe_common.prepare(args)  # --out and --device checked before any work
-    with recipe_common.one_thread(device.type == "cpu"):
-        return run(args, device)
+    return recipe_common.main(run, parse_args(argv))
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -238,9 +191,10 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
                     def live(**status: float) -> None:
                         update(advance=0, p=p, regime=regime, **status)  # noqa: B023 (called in this iteration)
 
-                    params, log_decay = tune(regime, train, val, args, live)
-                    refit = fit_from_scratch(train_x[perm], train_y[perm], log_decay)
-                    acc[regime]["no_retrain"][-1].append(accuracy(params, test_x, test_y))
+                    opt = tune(regime, train, val, args, live)
+                    recipe_common.print_check(opt)
+                    refit = fit_from_scratch(train_x[perm], train_y[perm], opt.hparams["log_decay"])
+                    acc[regime]["no_retrain"][-1].append(accuracy(opt.params, test_x, test_y))
                     acc[regime]["retrain"][-1].append(accuracy(refit, test_x, test_y))
                     update(advance=1, p=p, regime=regime)
 

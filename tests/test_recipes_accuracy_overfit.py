@@ -7,12 +7,14 @@ would run it; the assertions read the results.json it writes.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import bilevel
 from tests.recipe_helpers import load_recipe, write_cifar_batch, write_idx
 
 accuracy = load_recipe("hypergradient_accuracy")
@@ -24,6 +26,31 @@ def _read(out: Path) -> dict:
 
 
 # ------------------------------------------------------------------- hypergradient_accuracy (5.1)
+
+
+def test_accuracy_the_core_runs_alone_on_tiny_data():
+    """The page's code on a random 3-feature regression: w* to stationarity, then the curves."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 3, generator=gen), torch.randn(30, generator=gen)
+    torch.manual_seed(0)
+    model = accuracy.make_model("mlp", 3, 2)  # 3·2 + 2 + 2 + 1 = 11 weights
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    hparams = {k: math.log(0.1) + torch.randn(v.shape, generator=gen) for k, v in params.items()}
+    train_loss, val_loss = accuracy.make_losses(model)
+    w, grad_norm = accuracy.solve_inner(train_loss, params, hparams, (x[:15], y[:15]))
+    assert grad_norm < 1e-10 and set(w) == set(params)
+    statuses = []
+    steps = list(range(1, 13))
+    curves = accuracy.accuracy_curves(
+        train_loss, val_loss, w, hparams, (x[:15], y[:15]), (x[15:], y[15:]), steps, lambda **s: statuses.append(s)
+    )
+    assert [s["k"] for s in statuses] == steps
+    assert len(curves["cosine"]["neumann"]) == len(curves["l2"]["cg"]) == 12
+    assert len(curves["cosine"]["nystrom"]) == 11  # the rank stops at the number of weights
+    # CG on 11 weights is exact after 11 iterations; Nyström at full rank applies (H + ρI)⁻¹.
+    assert curves["cosine"]["cg"][10] > 1 - 1e-9 and curves["l2"]["cg"][10] < 1e-8 * curves["_exact_norm"]
+    assert curves["cosine_identity"] == pytest.approx(curves["cosine"]["neumann"][0], abs=1e-12)
+    assert curves["_alpha"] > 0 and curves["_nystrom_damping"] > 0
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +115,31 @@ def test_device_flag_is_validated(recipe, monkeypatch, tmp_path):
 
 
 # ---------------------------------------------------------------------- overfit_validation (5.2)
+
+
+@pytest.mark.parametrize("kind", ["linear", "bncnn"])
+def test_overfit_the_core_runs_alone_on_tiny_data(kind):
+    """tune_decays (the page's code) on 12 random 8×8 images of 3 classes: no dataset, no CLI run."""
+    gen = torch.Generator().manual_seed(0)
+    train = (torch.rand(12, 1, 8, 8, generator=gen), torch.arange(12) % 3)
+    val = (torch.rand(12, 1, 8, 8, generator=gen), torch.arange(12) % 3)
+    args = overfit.parse_args(["--steps", "6", "--inner-steps", "3", "--outer-lr", "0.1"])
+    args.world = 1
+    torch.manual_seed(0)
+    fm = bilevel.FunctionalModule(overfit.make_model(kind, (1, 8, 8), 3))
+    start = {k: v.clone() for k, v in fm.state.items()}
+    results = []
+    opt = overfit.tune_decays(fm, train, val, args, lambda opt, result: results.append(result))
+    assert len(results) == 6 and opt.hypersteps == 2 and opt.skipped_outer_steps == 0
+    hypers = [r.hyper for r in results if r.hyper is not None]
+    assert len(hypers) == 2 and all(math.isfinite(float(h.val_loss)) for h in hypers)
+    assert all(math.isfinite(float(r.loss)) for r in results)
+    # one log-decay per weight, all started at --init-decay and moved by the hypergradient
+    assert {k: v.shape for k, v in opt.hparams.items()} == {k: v.shape for k, v in fm.params.items()}
+    moved = torch.cat([(h - math.log(args.init_decay)).abs().flatten() for h in opt.hparams.values()])
+    assert float(moved.max()) > 1e-3
+    if kind == "bncnn":  # the inner steps update BatchNorm's running statistics
+        assert any(not torch.equal(opt.state[k], start[k]) for k in start if k.endswith("running_mean"))
 
 
 @pytest.fixture(scope="module")

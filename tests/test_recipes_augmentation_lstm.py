@@ -7,10 +7,12 @@ loaders on tiny files written here in PTB format, and clear errors for bad flags
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
 
+import optree
 import pytest
 import torch
 
@@ -132,13 +134,77 @@ def test_lstm_double_backward_matches_finite_differences():
         grads[name], _ = bilevel.hypergradient(
             dropout_lstm.train_loss, dropout_lstm.val_loss, params, hparams, tb, vb, strategy
         )
-    flat = {k: torch.cat([t.reshape(-1) for t in bilevel_leaves(v)]) for k, v in grads.items()}
+    flat = {k: torch.cat([t.reshape(-1) for t in optree.tree_leaves(v)]) for k, v in grads.items()}
     assert flat["reverse"].abs().max() > 1e-6  # the rates do reach the validation loss
     torch.testing.assert_close(flat["fd"], flat["reverse"], rtol=1e-5, atol=1e-8)
 
 
-def bilevel_leaves(tree):
-    return dropout_lstm._leaves(tree)
+# ------------------------------------------------------------------------ the cores alone
+
+
+class TinyClassifier:
+    """A linear classifier on flattened 8×8 images, in the core's ``classifier(w, state, x, train)`` form."""
+
+    def __init__(self) -> None:
+        self.params, self.state = {"w": 0.1 * torch.randn(10, 64), "b": torch.zeros(10)}, {}
+
+    def __call__(self, w, state, x, train):
+        return x.flatten(1) @ w["w"].T + w["b"], state
+
+
+@pytest.mark.parametrize("strategy", [bilevel.Neumann(steps=3, alpha=1e-2), bilevel.Unroll(steps=3), None])
+def test_the_core_runs_alone_on_tiny_data_augmentation(strategy):
+    """make_optimizer + train on 24 random images: a loss per hyper-period, a hyperstep in each, and the
+    U-Net (zero output layer: the identity) moved away from the identity; no tuning leaves it there."""
+    gen = torch.Generator().manual_seed(0)
+    data = {"x": torch.rand(24, 1, 8, 8, generator=gen), "y": torch.randint(0, 10, (24,), generator=gen)}
+    data |= {"val_x": torch.rand(12, 1, 8, 8, generator=gen), "val_y": torch.randint(0, 10, (12,), generator=gen)}
+    cfg = {"batch": 6, "steps": 9, "inner_steps": 3, "lr": 1e-2, "hlr": 1e-2}
+    lam = augmentation.init_unet(channels=1, width=2)
+    tune = strategy is not None
+    opt = augmentation.make_optimizer(TinyClassifier(), lam, strategy or bilevel.Identity(), cfg, seed=0)
+    losses = list(augmentation.train(opt, data, cfg, gen, "cpu", tune=tune))
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    assert (opt.steps, opt.hypersteps) == (9, 3 if tune else 0)
+    moved = float(opt.hparams["out.w"].abs().max())
+    assert moved > 0 if tune else moved == 0
+    assert (opt.params["w"] - TinyClassifier().params["w"]).abs().max() > 1e-3  # the classifier trained
+
+
+@pytest.mark.parametrize("phase", ["no_ho", "tuned", "overfit"])
+def test_the_core_runs_alone_on_tiny_data_dropout_lstm(phase):
+    """make_optimizer + train on a random stream of 11 word ids, with the recipe's data helpers: one hyperstep
+    record per hyper-period with a finite validation loss, and the hyperparameters moved (not without tuning)."""
+    cfg = {"embed": 5, "hidden": 6, "layers": 2, "init_rate": 0.5, "ar": 2.0, "tar": 1.0, "wd": 1e-6}
+    cfg |= {"inner_steps": 2, "overfit_inner_steps": 2, "neumann": 3, "lr": 3e-3, "hlr": 0.05}
+    cfg |= {"overfit_lr": 1.0, "overfit_hlr": 0.01, "overfit_damping": 80.0}
+    args = argparse.Namespace(hvp="reverse", seed=0, check=False)
+    params = dropout_lstm.init_params(11, cfg, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 11, (300,), generator=gen)
+    if phase == "overfit":
+        hparams = {"decay": {k: torch.zeros_like(v) for k, v in params.items()}}
+        fixed = dropout_lstm.windows(ids, 3, 7, gen), dropout_lstm.windows(ids, 3, 7, gen)
+        batches = lambda due: fixed  # noqa: E731
+    else:
+        hparams = dropout_lstm.init_hparams(params, cfg, many=None, weight_decay=False)
+
+        def batches(due):
+            x, y = dropout_lstm.windows(ids, 3, 7, gen)
+            return (x, y, dropout_lstm.draw_noise(params, 3, gen)), dropout_lstm.windows(
+                ids, 3, 7, gen
+            ) if due else None
+
+    opt = dropout_lstm.make_optimizer(phase, params, hparams, cfg, args)
+    before = [t.clone() for t in optree.tree_leaves(opt.hparams)]
+    periods = list(dropout_lstm.train(opt, batches, steps=6, tune=phase != "no_ho"))
+    assert len(periods) == 3 and all(math.isfinite(loss) for loss, _ in periods)
+    if phase == "no_ho":
+        assert all(hyper is None for _, hyper in periods) and opt.hypersteps == 0
+    else:
+        assert all(math.isfinite(float(hyper.val_loss)) for _, hyper in periods) and opt.hypersteps == 3
+    moved = max(float((a - b).abs().max()) for a, b in zip(optree.tree_leaves(opt.hparams), before))
+    assert moved > 0 if phase != "no_ho" else moved == 0
 
 
 # ------------------------------------------------------------------ quick runs and resume
@@ -156,15 +222,20 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+def full_stopped_resumed(main, flags: list[str], base: Path, stop_after: int) -> tuple[dict, dict, dict]:
+    """A run with --checkpoint (in base/full), one stopped after ``stop_after`` hyper-periods (a simulated
+    kill) and the same command rerun, resuming it (both in base/res)."""
+    full = main([*flags, "--out", str(base / "full"), "--checkpoint", str(base / "a.pt")])
+    resume = [*flags, "--out", str(base / "res"), "--checkpoint", str(base / "b.pt")]
+    stopped = main([*resume, "--stop-after", str(stop_after)])
+    return full, stopped, main(resume)
+
+
 @pytest.fixture(scope="module")
 def aug_runs(tmp_path_factory, single_thread):
     torch.set_default_dtype(torch.float32)
     base = tmp_path_factory.mktemp("aug")
-    full = augmentation.main([*AUG_FLAGS, "--out", str(base / "full"), "--checkpoint", str(base / "a.pt")])
-    stopped = augmentation.main(
-        [*AUG_FLAGS, "--out", str(base / "res"), "--checkpoint", str(base / "b.pt"), "--stop-after", "11"]
-    )
-    resumed = augmentation.main([*AUG_FLAGS, "--out", str(base / "res"), "--checkpoint", str(base / "b.pt")])
+    full, stopped, resumed = full_stopped_resumed(augmentation.main, AUG_FLAGS, base, stop_after=11)
     ckpt = torch.load(base / "a.pt", weights_only=False)
     return base, full, stopped, resumed, ckpt
 
@@ -199,12 +270,7 @@ def test_augmentation_resume_is_exact(aug_runs):
 def lstm_runs(tmp_path_factory, single_thread):
     torch.set_default_dtype(torch.float32)
     base = tmp_path_factory.mktemp("lstm")
-    full = dropout_lstm.main([*LSTM_FLAGS, "--out", str(base / "full"), "--checkpoint", str(base / "a.pt")])
-    stopped = dropout_lstm.main(
-        [*LSTM_FLAGS, "--out", str(base / "res"), "--checkpoint", str(base / "b.pt"), "--stop-after", "6"]
-    )
-    resumed = dropout_lstm.main([*LSTM_FLAGS, "--out", str(base / "res"), "--checkpoint", str(base / "b.pt")])
-    return base, full, stopped, resumed
+    return base, *full_stopped_resumed(dropout_lstm.main, LSTM_FLAGS, base, stop_after=6)
 
 
 def test_dropout_lstm_quick(lstm_runs):
@@ -285,7 +351,7 @@ def test_resnet18_layout_and_a_hypergradient_through_its_batchnorm():
     lam = augmentation.init_unet(3, 2)
     x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     assert net(net.params, net.state, x, train=False)[0].shape == (4, 10)
-    train_loss, val_loss = net.losses()
+    train_loss, val_loss = augmentation.losses(net)
     before = {k: v.clone() for k, v in net.state.items()}
     grads, info = bilevel.hypergradient(
         train_loss,

@@ -1,7 +1,8 @@
 """Quick runs of the hyper-cleaning and learning-rate recipes, and checks of their helpers.
 
 Each recipe is run in-process through its ``main([...])`` exactly as ``python recipes/x.py --quick``
-would run it (once per module); the assertions read the results.json it writes.
+would run it (once per module); the assertions read the results.json it writes. Each recipe's core
+(the code its page shows) also runs alone on tiny synthetic data.
 """
 
 from __future__ import annotations
@@ -25,20 +26,34 @@ def _read(out: Path) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
-# ---------------------------------------------------------------------------------- hypercleaning
+def _quick_run(recipe, tmp_path_factory) -> tuple[Path, dict]:
+    """``python recipes/NAME.py --quick`` in-process: its --out folder and what main() returned."""
+    out = tmp_path_factory.mktemp(recipe.NAME)
+    return out, recipe.main(["--quick", "--device", "cpu", "--out", str(out)])
 
 
 @pytest.fixture(scope="module")
 def cleaning_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("hypercleaning")
-    returned = cleaning.main(["--quick", "--device", "cpu", "--out", str(out)])
-    return out, returned
+    return _quick_run(cleaning, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def rates_run(tmp_path_factory):
+    return _quick_run(rates, tmp_path_factory)
+
+
+@pytest.mark.parametrize("run", ["cleaning_run", "rates_run"])
+def test_main_returns_what_it_wrote(run, request):
+    out, returned = request.getfixturevalue(run)
+    assert json.loads(json.dumps(returned)) == _read(out)
+
+
+# ---------------------------------------------------------------------------------- hypercleaning
 
 
 def test_cleaning_results_have_the_documented_keys(cleaning_run):
-    out, returned = cleaning_run
+    out = cleaning_run[0]
     results = _read(out)
-    assert json.loads(json.dumps(returned)) == results  # main() returns what it wrote
     assert {"test_acc", "detection", "strategies", "headline"} <= set(results)
     assert results["headline"] == {"model": "linear", "strategy": "neumann"}
     test_acc, detection = results["test_acc"], results["detection"]
@@ -129,20 +144,7 @@ def test_cleaning_reads_mnist_idx_files(tmp_path):
         )
 
 
-def test_cleaning_bad_flags_are_clear(capsys, tmp_path):
-    for flags, message in (
-        (["--models", "linear,resnet"], "--models"),
-        (["--strategies", "neumann,exact"], "--strategies"),
-        (["--corruption", "1.0"], "--corruption 1.0"),
-        (["--cg-damping", "-1"], "--cg-damping -1"),
-        (["--n-train", "0"], "--n-train 0"),
-        (["--outer-lr", "nan"], "--outer-lr nan"),
-        (["--dataset", "mnist"], "--data-dir"),
-        (["--dataset", "imagenet"], "--dataset"),
-    ):
-        with pytest.raises(SystemExit):
-            cleaning.main(["--quick", *flags, "--out", str(tmp_path)])
-        assert message in capsys.readouterr().err, flags
+def test_cleaning_too_many_validation_images_is_clear(tmp_path):
     with pytest.raises(ValueError, match="--val-per-class 500"):
         cleaning.main(["--quick", "--val-per-class", "500", "--out", str(tmp_path)])
     assert not (tmp_path / "results.json").exists()
@@ -151,17 +153,9 @@ def test_cleaning_bad_flags_are_clear(capsys, tmp_path):
 # ---------------------------------------------------------------------------------- learning rates
 
 
-@pytest.fixture(scope="module")
-def rates_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("learning_rates")
-    returned = rates.main(["--quick", "--device", "cpu", "--out", str(out)])
-    return out, returned
-
-
 def test_rates_results_have_the_documented_keys(rates_run):
-    out, returned = rates_run
+    out = rates_run[0]
     results = _read(out)
-    assert json.loads(json.dumps(returned)) == results
     assert {"test_acc", "learning_rates"} <= set(results)
     assert set(results["test_acc"]) == {"tuned", "best_fixed", "grid"}
     assert set(results["test_acc"]["grid"]) == {"0.01", "0.1", "1"}
@@ -210,18 +204,31 @@ def test_per_layer_sgd_matches_torch_sgd_with_one_rate():
         torch.testing.assert_close(ours[k], reference[k].detach(), rtol=0, atol=1e-15)
 
 
-def test_rates_bad_flags_are_clear(capsys, tmp_path):
-    for flags, message in (
-        (["--grid", "0.1,abc"], "--grid"),
-        (["--grid", "0,0.1"], "--grid"),
-        (["--init-momentum", "1"], "--init-momentum 1"),
-        (["--unroll", "0"], "--unroll 0"),
-        (["--steps", "5", "--unroll", "10"], "--unroll 10"),
-        (["--init-lr", "-0.1"], "--init-lr -0.1"),
-    ):
-        with pytest.raises(SystemExit):
-            rates.main(["--quick", *flags, "--out", str(tmp_path)])
-        assert message in capsys.readouterr().err, flags
+BAD_FLAGS = [
+    (cleaning, ["--models", "linear,resnet"], "--models"),
+    (cleaning, ["--strategies", "neumann,exact"], "--strategies"),
+    (cleaning, ["--corruption", "1.0"], "--corruption 1.0"),
+    (cleaning, ["--cg-damping", "-1"], "--cg-damping -1"),
+    (cleaning, ["--n-train", "0"], "--n-train 0"),
+    (cleaning, ["--outer-lr", "nan"], "--outer-lr nan"),
+    (cleaning, ["--dataset", "mnist"], "--data-dir"),
+    (cleaning, ["--dataset", "imagenet"], "--dataset"),
+    (rates, ["--grid", "0.1,abc"], "--grid"),
+    (rates, ["--grid", "0,0.1"], "--grid"),
+    (rates, ["--init-momentum", "1"], "--init-momentum 1"),
+    (rates, ["--unroll", "0"], "--unroll 0"),
+    (rates, ["--steps", "5", "--unroll", "10"], "--unroll 10"),
+    (rates, ["--init-lr", "-0.1"], "--init-lr -0.1"),
+]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "flags", "message"), BAD_FLAGS, ids=[f"{r.NAME} {' '.join(f)}" for r, f, _ in BAD_FLAGS]
+)
+def test_bad_flags_are_clear(recipe, flags, message, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        recipe.main(["--quick", *flags, "--out", str(tmp_path)])
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
 
 
@@ -229,3 +236,60 @@ def test_rates_bad_flags_are_clear(capsys, tmp_path):
 def test_device_flag_is_validated(recipe, tmp_path):
     with pytest.raises(ValueError, match="--device 'nonsense'"):
         recipe.main(["--quick", "--device", "nonsense", "--out", str(tmp_path)])
+
+
+# ---------------------------------------------------------------------------------- the cores alone
+
+
+def _tiny_images(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """3 classes of 2×2 "images": class c has its pixel c lit, plus a little noise."""
+    y = torch.arange(n) % 3
+    x = 0.1 * torch.randn(n, 1, 2, 2, generator=gen)
+    x.view(n, 4)[torch.arange(n), y] += 1.0
+    return x, y
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("strategy", ["neumann", "cg"])
+def test_the_core_runs_alone_on_tiny_data_hypercleaning(kind, strategy):
+    """learn_weights (the page's code) on a planted corruption: the weights of the flipped labels fall."""
+    flags = ["--hypersteps", "15", "--inner-steps", "5", "--hidden", "4", "--inner-lr", "0.1", "--outer-lr", "0.3"]
+    args = cleaning.parse_args(flags)
+    args.classes = 3
+    gen = torch.Generator().manual_seed(0)
+    (x, y), val = _tiny_images(30, gen), _tiny_images(15, gen)
+    noisy, corrupted = cleaning.corrupt_labels(y, 0.4, 3, gen)
+    fm = cleaning.make_model(kind, args, x)
+    shapes = {k: v.shape for k, v in fm.params.items()}
+    seen = []
+    for opt, result in cleaning.learn_weights(fm, (x, noisy), val, cleaning.strategy_for(strategy, 0.1), args):
+        seen.append(opt.hypersteps)
+        assert result.hyper is not None and math.isfinite(float(result.hyper.val_loss))
+    assert seen == list(range(1, 16)) and opt.skipped_outer_steps == 0
+    assert {k: v.shape for k, v in opt.params.items()} == shapes
+    weights = torch.sigmoid(opt.hparams["logits"])
+    assert weights.shape == (30,) and bool(torch.isfinite(weights).all())
+    assert weights[corrupted].mean() < 0.5 < weights[~corrupted].mean()
+    assert cleaning.detection_scores(weights, corrupted)["f1"] > 0.9
+
+
+def test_the_core_runs_alone_on_tiny_data_learning_rates():
+    """tune_rates (the page's code) from a small start: a hyperstep every K steps raises every layer's rate."""
+    flags = ["--steps", "40", "--unroll", "5", "--batch-size", "8", "--hidden", "4", "--init-lr", "0.003"]
+    args = rates.parse_args(flags)
+    args.classes = 3
+    gen = torch.Generator().manual_seed(0)
+    train, val = _tiny_images(48, gen), _tiny_images(15, gen)
+    fm, names, layer_of = rates.make_model(args, train[0])
+    assert names == ["layer1", "layer2", "layer3"] and set(layer_of) == set(fm.params)
+    hyper = []
+    for step, (opt, result) in enumerate(rates.tune_rates(fm, layer_of, train, val, args), start=1):
+        assert opt.steps == step  # one yield per minibatch step
+        if result.hyper is not None:
+            hyper.append(step)
+            assert math.isfinite(float(result.hyper.val_loss))
+    assert step == 40 and hyper == list(range(5, 41, 5)) and opt.hypersteps == 8
+    lrs, momenta = opt.hparams["log_lr"].exp(), torch.sigmoid(opt.hparams["logit_momentum"])
+    assert lrs.shape == momenta.shape == (3,)
+    assert bool((lrs > 0.003).all()) and bool(((0 < momenta) & (momenta < 1)).all())
+    assert not torch.allclose(momenta, torch.full_like(momenta, 0.9))  # the momenta are tuned too
