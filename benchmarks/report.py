@@ -91,6 +91,11 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+def _cosine(c: float | None) -> str:
+    """A median cosine, "nan" where none was defined (NaN in a run, None once through JSON)."""
+    return "nan" if c is None or not math.isfinite(c) else f"{c:.3f}"
+
+
 def _reached(hvps: float | None) -> str:
     """A median count of HVPs, or "not reached" (inf in a run, None once through JSON)."""
     return "not reached" if hvps is None or not math.isfinite(hvps) else _fmt(float(hvps))
@@ -255,7 +260,7 @@ def markdown(results: dict[str, Any]) -> str:
     for kind, row in hv["problems"].items():
         for family, hit in row["hvps_to_0.99"].items():
             per = ", ".join("–" if v is None or not math.isfinite(v) else str(int(v)) for v in hit["per_hyperstep"])
-            at = ", ".join(f"{b}: {c:.3f}" for b, c in hit["median_cosine_at"].items()) or "–"
+            at = ", ".join(f"{b}: {_cosine(c)}" for b, c in hit["median_cosine_at"].items()) or "–"
             lines.append(
                 f"| {kind} ({row['params']:,} weights, {row['hypersteps']} hypersteps) | {family} | "
                 f"{_reached(hit['median'])} | {per} | {at} |"
