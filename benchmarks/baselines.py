@@ -193,19 +193,30 @@ def bn_dropout_problem(batch: int) -> tuple[nn.Module, nn.Module, tuple[Tensor, 
     return cnn(False), cnn(True), (x, y)
 
 
-def module_cases(module: nn.Module, batch: tuple[Tensor, Tensor], n: int) -> dict[str, Callable[[], Any]]:
-    """``n`` inner steps of ``module``: plain PyTorch, and BilevelOptimizer through FunctionalModule."""
+def _plain_cross_entropy_steps(
+    module: nn.Module, batch: tuple[Tensor, Tensor], n: int, **adam: float
+) -> tuple[Callable[[], Tensor], nn.Module]:
+    """``n`` steps of the user's loop on a copy of ``module`` (cross-entropy, ``loss.backward()``,
+    ``torch.optim.Adam(foreach=True, **adam)``), and that copy."""
     plain = copy.deepcopy(module).train()
-    adam = torch.optim.Adam(plain.parameters(), lr=1e-4, foreach=True)
+    opt = torch.optim.Adam(plain.parameters(), foreach=True, **adam)
     x, y = batch
 
-    def plain_run() -> Tensor:
+    def run() -> Tensor:
         for _ in range(n):
             loss = F.cross_entropy(plain(x), y)
-            adam.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             loss.backward()
-            adam.step()
+            opt.step()
         return loss
+
+    return run, plain
+
+
+def module_cases(module: nn.Module, batch: tuple[Tensor, Tensor], n: int) -> dict[str, Callable[[], Any]]:
+    """``n`` inner steps of ``module``: plain PyTorch, and BilevelOptimizer through FunctionalModule."""
+    plain_run, plain = _plain_cross_entropy_steps(module, batch, n, lr=1e-4)
+    x = batch[0]
 
     fm = bilevel.FunctionalModule(copy.deepcopy(module))
     stateful = bool(fm.state)
@@ -377,16 +388,7 @@ def decay_cases(batch: int, n: int, weight_decay: float = 5e-4) -> dict[str, Cal
     y = torch.tensor(digits.target[:batch])
     torch.manual_seed(0)
     module = DigitsResNet()
-    plain = copy.deepcopy(module).train()
-    adam = torch.optim.Adam(plain.parameters(), lr=1e-3, weight_decay=weight_decay, foreach=True)
-
-    def plain_run() -> Tensor:
-        for _ in range(n):
-            loss = F.cross_entropy(plain(x), y)
-            adam.zero_grad(set_to_none=True)
-            loss.backward()
-            adam.step()
-        return loss
+    plain_run, _ = _plain_cross_entropy_steps(module, (x, y), n, lr=1e-3, weight_decay=weight_decay)
 
     def ours(decay: Callable[[dict, dict], Tensor]) -> Callable[[], Any]:
         fm = bilevel.FunctionalModule(copy.deepcopy(module))
