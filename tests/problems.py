@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 from collections.abc import Callable
 
 import torch
@@ -180,3 +181,13 @@ def central_difference(f: Callable[[Tensor], Tensor], x: Tensor, step: float = 1
         e[i] = step
         out[i] = (f(x + e) - f(x - e)) / (2 * step)
     return out
+
+
+def roundtrip(state: dict) -> dict:
+    """``state`` as a checkpoint file gives it back: through ``torch.save`` and ``torch.load(weights_only=True)``
+    (plain tensors and containers only), sharing no tensor with the original."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+

@@ -3,14 +3,13 @@ tensor handed out before a step changes after it (the optimiser writes into two 
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 import torchopt
 
 import bilevel
 from bilevel import _inplace
+from tests.problems import roundtrip
 from tests.test_reliability import ALIASES, _same_state
 
 D = 6
@@ -41,13 +40,6 @@ def make(inner, **kwargs):
     )
 
 
-def _roundtrip(state):
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
-
 @pytest.mark.parametrize("name", list(ALIASES))
 def test_the_in_place_update_gives_torchopts_numbers_and_resumes_bitwise(name, monkeypatch):
     train, val = _data()
@@ -55,7 +47,7 @@ def test_the_in_place_update_gives_torchopts_numbers_and_resumes_bitwise(name, m
     for _ in range(5):
         fast.step(train, val)
     resumed = make(ALIASES[name]())
-    resumed.load_state_dict(_roundtrip(fast.state_dict()))
+    resumed.load_state_dict(roundtrip(fast.state_dict()))
     for _ in range(7):
         fast.step(train, val)
         resumed.step(train, val)
@@ -79,7 +71,7 @@ def test_nothing_handed_out_changes_after_later_steps():
     for _ in range(3):
         opt.step(train, val)
     params, state = opt.params, opt.state_dict()
-    kept = ({k: v.clone() for k, v in params.items()}, _roundtrip(state))
+    kept = ({k: v.clone() for k, v in params.items()}, roundtrip(state))
     result = opt.step(train, val)
     assert result.hyper is None or result.hyper.solution is None
     for _ in range(5):  # the two buffer sets are each written again
@@ -95,7 +87,7 @@ def test_a_refused_update_changes_nothing():
     assert opt._update.inplace is not None
     for _ in range(2):
         opt.step(train, val)
-    before = _roundtrip(opt.state_dict())
+    before = roundtrip(opt.state_dict())
     with pytest.warns(RuntimeWarning, match="inner update"):
         opt.inner_step((train[0], train[1], float("inf")))  # written into the spare set, refused
     assert opt.skipped_inner_steps == 1
@@ -124,7 +116,7 @@ def test_an_exception_after_the_in_place_update_changes_nothing_and_a_retry_cont
         straight.step(train, val)
     for _ in range(2):
         interrupted.step(train, val)
-    before = _roundtrip(interrupted.state_dict())
+    before = roundtrip(interrupted.state_dict())
     armed["on"] = True
     with pytest.raises(KeyboardInterrupt):
         interrupted.step(train, val)  # step 3: the inner update is written in place, then the hyperstep raises

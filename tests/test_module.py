@@ -8,8 +8,6 @@ interrupted ones.
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +16,7 @@ from torch import nn
 
 import bilevel
 from tests.model_truth import dense_truth, flatten, unflatten
+from tests.problems import roundtrip
 
 
 def _digits(n: int = 96):
@@ -364,12 +363,10 @@ def test_resume_with_batchnorm_and_dropout_is_bitwise_mid_window(strategy):
     first = make()
     for _ in range(6):  # stops mid-window: 2 steps recorded since hyperstep 1
         first.step(train, val)
-    buffer = io.BytesIO()
-    torch.save(first.state_dict(), buffer)
-    buffer.seek(0)
+    saved = roundtrip(first.state_dict())
     torch.manual_seed(999)  # the global generator is irrelevant to a seeded run
     resumed = make()
-    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    resumed.load_state_dict(saved)
     for _ in range(6):
         resumed.step(train, val)
     for name in ("params", "hparams", "state"):

@@ -6,7 +6,6 @@ weight, L_T = mse + Σ e^{h_i} w_i², L_V = mse, on two halves of 128 examples.
 
 from __future__ import annotations
 
-import io
 import math
 import warnings
 
@@ -17,6 +16,7 @@ import torch
 import torchopt
 
 import bilevel
+from tests.problems import roundtrip
 
 D = 8
 
@@ -46,13 +46,6 @@ def make(**kwargs):
     kwargs.setdefault("seed", 0)
     losses = kwargs.pop("losses", (train_loss, val_loss))
     return bilevel.BilevelOptimizer(*losses, {"w": torch.zeros(D)}, {"h": torch.full((D,), -2.0)}, **kwargs)
-
-
-def _roundtrip(state):
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 def _same_state(a: dict, b: dict) -> bool:
@@ -101,7 +94,7 @@ def test_resume_is_bitwise_for_every_torchopt_alias_as_inner_and_outer(name):
     for _ in range(6):
         first.step(train, val)
     resumed = fresh()
-    resumed.load_state_dict(_roundtrip(first.state_dict()))
+    resumed.load_state_dict(roundtrip(first.state_dict()))
     for _ in range(6):
         resumed.step(train, val)
     assert straight.hypersteps == resumed.hypersteps == 4
@@ -201,7 +194,7 @@ def test_a_loss_without_a_graph_is_an_error_naming_it(broken):
     with pytest.raises(ValueError, match="`train_loss` returned a tensor with no autograd graph"):
         bilevel.hypergradient(broken, val_loss, params, hparams, train, val, strategy=bilevel.Exact())
     opt = make(losses=(train_loss, broken), inner_steps=1)
-    before = _roundtrip(opt.state_dict())  # a copy: an in-place write would change a live state_dict too
+    before = roundtrip(opt.state_dict())  # a copy: an in-place write would change a live state_dict too
     with pytest.raises(ValueError, match="`val_loss`"):
         opt.step(train, val)
     assert opt.hypersteps == 0 and torch.equal(opt.hparams["h"], before["hparams"][0])
@@ -344,7 +337,7 @@ def test_a_bad_checkpoint_changes_nothing(corrupt, error, match, request):
     target = make(strategy=strategy, inner=torchopt.adam(0.05))
     for _ in range(2):
         target.step(_data(1)[0], val)
-    before = _roundtrip(target.state_dict())  # a copy: a half-done load could write into live tensors
+    before = roundtrip(target.state_dict())  # a copy: a half-done load could write into live tensors
     state = source.state_dict()
     corrupt(state)
     with pytest.raises(error, match=match):
@@ -429,7 +422,7 @@ def test_non_finite_error_leaves_everything_as_documented():
     train, val = _data()
     opt = make(strict=True, inner=torchopt.adam(0.05))
     opt.step(train, val)
-    before = _roundtrip(opt.state_dict())  # a copy, so that an in-place write would show
+    before = roundtrip(opt.state_dict())  # a copy, so that an in-place write would show
     with pytest.raises(bilevel.NonFiniteError, match="inner step 2"):
         opt.step((train[0], train[1], float("inf")), val)
     assert _same_state(opt.state_dict(), before)
@@ -504,7 +497,7 @@ def test_an_optimiser_skips_and_counts_solves_worse_than_none_and_strict_refuses
         info = opt.outer_step(train, val)
     assert info.failure is not None and opt.skipped_outer_steps == 1 and torch.equal(opt.hparams["h"], torch.zeros(3))
     strict = bilevel.BilevelOptimizer(_saddle, _distance, params, hparams, strategy=cg, strict=True)
-    before = _roundtrip(strict.state_dict())
+    before = roundtrip(strict.state_dict())
     with pytest.raises(bilevel.NonFiniteError, match="worse than no solve"):
         strict.outer_step(train, val)
     assert _same_state(strict.state_dict(), before)
@@ -536,7 +529,7 @@ def test_an_exception_anywhere_in_step_changes_nothing_and_a_retry_continues_bit
         straight.step(train, val)
     for _ in range(2):
         interrupted.step(train, val)
-    before = _roundtrip(interrupted.state_dict())
+    before = roundtrip(interrupted.state_dict())
     calls["armed"] = True
     with pytest.raises(_Interrupt):
         interrupted.step(train, val)  # step 3: inner update, then the hyperstep
