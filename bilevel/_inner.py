@@ -34,7 +34,7 @@ class InnerUpdate:
         self.device_select = w[0].device.type != "cpu" and not strict and not unrolled
         self.inplace: InPlaceUpdate | None = None
         if inner.flat is not None and not self.device_select and not unrolled:
-            self.inplace = InPlaceUpdate(inner) if InPlaceUpdate.matches(inner, _tree.ravel(w)) else None
+            self.inplace = InPlaceUpdate.build(inner, _tree.ravel(w))
 
     def flattened(self, run: RunState) -> RunState:
         """``run`` with its weights living in one vector when the update is flat (in private buffers when
@@ -75,12 +75,15 @@ class InnerUpdate:
         else:
             hparams = problem.hparams(run.h) if self.inner.factory is not None else None
             w, state = self.inner.apply(grads, run.inner_state, run.w, started=run.inner_started, hparams=hparams)
-        written = [*(w if vector is None else [vector]), *float_leaves(state), *float_leaves(s)]
+        if self.inplace is not None and vector is not None:
+            written = [*self.inplace.written(vector, state), *float_leaves(s)]
+        else:
+            written = [*(w if vector is None else [vector]), *float_leaves(state), *float_leaves(s)]
         if self.device_select:
             new, ok = self._select_on_device(run, loss, written, w, vector, state, s)
             return new, loss, ok
         written.append(loss)
-        applied = bool(_tree.sum_is_finite(written)) or bool(_tree.all_finite(written))
+        applied = _tree.sum_is_finite(written) or bool(_tree.all_finite(written))
         if not applied and self.strict:  # raise before touching any state: the step did not happen
             raise NonFiniteError(
                 f"inner step {run.steps + 1}: non-finite loss, weights, model state or optimiser state; "

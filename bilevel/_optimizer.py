@@ -403,7 +403,7 @@ def _trouble(strategy: Strategy, info: HypergradInfo, written: list[Tensor]) -> 
     neumann_fixed = isinstance(strategy, Neumann) and strategy.alpha != "auto"
     if info.failure is not None:
         return info.failure, "", True
-    if not (bool(_tree.sum_is_finite(written)) or bool(_tree.all_finite(written))):  # cheap screen, then exact
+    if not (_tree.sum_is_finite(written) or bool(_tree.all_finite(written))):  # cheap screen, then exact
         advice = " A diverging Neumann series is the usual cause: try a smaller alpha or alpha='auto'."
         return "non-finite hypergradient or update", advice * neumann_fixed, True
     if info.diverging is not None and info.growth is not None and bool(info.diverging):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections import UserDict
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
@@ -99,14 +100,18 @@ def all_finite(x: Sequence[Tensor]) -> Tensor:
     return torch.isfinite(torch.stack(extremes)).all() if extremes else torch.ones((), dtype=torch.bool)
 
 
-def sum_is_finite(x: Sequence[Tensor]) -> Tensor:
-    """0-dim bool tensor, a fast screen for :func:`all_finite`: True implies every element is finite.
+def sum_is_finite(x: Sequence[Tensor]) -> bool:
+    """A fast screen for :func:`all_finite`: True implies every element is finite.
 
     A sum is non-finite whenever an element is NaN or ±inf; the converse can fail only if finite
     values overflow when added (|values| near the dtype's max), so a False needs the exact check.
+    On the CPU each tensor's sum is read as a Python float (cheaper than stacking them); on an
+    accelerator the sums are stacked so that one number crosses to the host.
     """
-    sums = [t.detach().sum().double() for t in x if t.numel()]
-    return torch.isfinite(torch.stack(sums).sum()) if sums else torch.ones((), dtype=torch.bool)
+    x = [t.detach() for t in x if t.numel()]
+    if all(t.device.type == "cpu" for t in x):
+        return math.isfinite(sum(float(t if t.dim() == 0 else t.sum()) for t in x))
+    return bool(torch.isfinite(torch.stack([t.sum().double() for t in x]).sum()))
 
 
 def ravel(x: Sequence[Tensor]) -> Tensor:
