@@ -156,14 +156,17 @@ def bilevel_run(problem: Problem, hypersteps: int, inner: int, steps: int, alpha
 
 
 def hyperstep_only(problem: Problem, steps: int, alpha: float) -> dict[str, Callable[[], Any]]:
-    """One hyperstep (hypergradient + outer update) at fixed weights, ours and hand-written."""
-    hand = HandWritten(problem, steps, alpha, lr=1e-3, hlr=1e-2)
+    """One hyperstep (hypergradient + outer update) at fixed weights, ours and hand-written. The outer
+    learning rate is 0, so that the thousands of timed repeats are the same hyperstep: with a real rate
+    λ walks on at fixed weights until the Neumann series diverges (and ours then also diagnoses and
+    warns, which the hand-written loop does not)."""
+    hand = HandWritten(problem, steps, alpha, lr=1e-3, hlr=0.0)
     opt = bilevel.BilevelOptimizer(
         problem.train_loss,
         problem.val_loss,
         problem.params,
         problem.hparams,
-        outer=torchopt.rmsprop(1e-2),
+        outer=torchopt.rmsprop(0.0),
         strategy=bilevel.Neumann(steps=steps, alpha=alpha),
         seed=0,
     )

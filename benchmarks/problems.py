@@ -3,7 +3,8 @@
 L_T(w, λ) = CE(f_w(x_T), y_T) + ½ Σ_i e^{λ_i} w_i²,   L_V(w) = CE(f_w(x_V), y_V),
 
 so the hyperparameters have exactly the structure (and count) of the parameters. The model is an
-``nn.Module`` called functionally with :func:`torch.func.functional_call`, as bilevel expects.
+``nn.Module`` called as a pure function of its weights through ``bilevel.FunctionalModule``, as the
+docs write it (``torch.func.functional_call`` does the same with more work per call).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+import bilevel
 
 Batch = tuple[Tensor, Tensor]
 
@@ -30,13 +33,16 @@ class Problem:
     hparams: dict[str, Tensor]
     train_batch: Batch
     val_batch: Batch
+    _functional: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def size(self) -> int:
         return sum(t.numel() for t in self.params.values())
 
     def logits(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        return torch.func.functional_call(self.module, params, (x,))
+        if self._functional is None:
+            self._functional = bilevel.FunctionalModule(self.module)
+        return self._functional(params, {}, x)[0]
 
     def train_loss(self, params: dict[str, Tensor], hparams: dict[str, Tensor], batch: Batch) -> Tensor:
         x, y = batch

@@ -60,10 +60,10 @@ class InnerUpdate:
         """(the run after the step, the training loss before it, whether it was applied: a 0-dim bool)."""
         problem, flat = self.problem, self.inner.flat
         seed = _random.derive(run.seed, _random.INNER, run.steps)  # inner step k always draws the same numbers
-        w_in = run.w if run.w_flat is None else (run.w_flat,)
         (grads,), loss, s = problem.value_and_grad(
-            problem.train_loss, batch, w_in, run.h, (0,), run.s, seed, chain_state=True, flat=flat
-        )
+            problem.train_loss, batch, run.w, run.h, (0,), run.s, seed, chain_state=True,
+            flat=flat if run.w_flat is not None else None,
+        )  # fmt: skip
         vector: Tensor | None = None
         if flat is not None and run.w_flat is not None:
             if self.inplace is not None:

@@ -241,8 +241,8 @@ class Problem:
         over ranks in the same all-reduce as the gradient. Otherwise every micro-batch sees ``s`` and the
         state that comes back is the last micro-batch's.
 
-        With ``flat``, ``w`` is ``(vector,)``, the params concatenated: the losses see views of it and
-        the gradient comes back as one vector too (autograd concatenates it, no per-leaf work after).
+        With ``flat`` (the layout of the params' concatenation), the gradient comes back as one vector:
+        ``[[vector]]`` for argnums ``(0,)``.
 
         Plain autograd (one forward, one backward per micro-batch): ``torch.func.grad_and_value`` gives
         the same numbers with more dispatch overhead per call, which shows on small models.
@@ -259,9 +259,8 @@ class Problem:
                 for i, leaves in enumerate((w, h))
             )
             wanted = [t for i in argnums for t in inputs[i]]
-            params = inputs[0] if flat is None else flat.split(inputs[0][0])
             for piece, coef in zip(pieces, coefs):
-                out, new_state = self.evaluate(loss, piece, params, inputs[1], state if chain_state else s, seed)
+                out, new_state = self.evaluate(loss, piece, inputs[0], inputs[1], state if chain_state else s, seed)
                 state = new_state
                 found = torch.autograd.grad(out, wanted, allow_unused=True)
                 grads = [torch.zeros_like(t) if g is None else g for g, t in zip(found, wanted)]
@@ -283,6 +282,8 @@ class Problem:
             for i, t in zip(floating, reduced[len(total) + 1 :]):
                 averaged[i] = t
             state = tuple(averaged)
+        if flat is not None and argnums == (0,):
+            return [[_tree.ravel(total)]], value, state
         split, start = [], 0
         for i in argnums:
             split.append(list(total[start : start + len(inputs[i])]))
