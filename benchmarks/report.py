@@ -230,6 +230,12 @@ def markdown(results: dict[str, Any]) -> str:
     if "ms" in b["details"]:
         ms = b["details"]["ms"]
         lines.append(f"{b['unit']}: {_fmt(b['value'])} ({ms['betty']:.0f} ms vs {ms['ours']:.0f} ms).")
+        if "hand" in ms:
+            d = b["details"]
+            lines.append(
+                f"The same run hand-written (torch.optim + double backward) took {ms['hand']:.0f} ms: Betty / "
+                f"hand-written = {_fmt(d['betty_over_hand'])}, ours / hand-written = {_fmt(d['ours_over_hand'])}."
+            )
     else:
         lines.append(f"Not measured: {b['details'].get('peer')}.")
 

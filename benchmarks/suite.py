@@ -406,7 +406,7 @@ def neumann_mem_ratio(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]
 def step_overhead_ratio(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
     """``BilevelOptimizer.inner_step`` against the loop users have: ``loss.backward()`` +
     ``torch.optim.Adam(foreach=True)`` on the same module and the same loss."""
-    goals = {(64, 50, 10): 1.25, (784, 1024, 256, 10): 1.05}
+    goals = {(64, 50, 10): 1.10, (784, 1024, 256, 10): 1.05}
     sizes = [((16, 8, 4), 64)] if cfg.tiny else [((64, 50, 10), 100), ((784, 1024, 256, 10), 256)]
     rows = {}
     for widths, batch in sizes:
@@ -428,7 +428,7 @@ def step_overhead_ratio(cfg: Config, log: Callable[[str], None]) -> dict[str, An
     return record(
         value,
         "BilevelOptimizer.inner_step / plain PyTorch step (Adam, foreach), worst problem",
-        "≤ 1.25 (MLP 64-50-10, batch 100), ≤ 1.05 (MLP 784-1024-256-10, batch 256)",
+        "≤ 1.10 (MLP 64-50-10, batch 100), ≤ 1.05 (MLP 784-1024-256-10, batch 256)",
         all(met) if met else None,
         problems=rows,
     )
@@ -497,16 +497,24 @@ def betty_ratio(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
     except Exception as error:  # the peer is optional
         log(f"Betty unusable ({error!r})")
         return record(math.nan, "Betty time / ours", None, None, peer=f"unusable: {error!r}")
+    # the floor both are measured against: the same run hand-written with torch.optim and double backward
+    module, train, val = baselines.digits_task(shape["hidden"])
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    digits = Problem("digits", module, params, {k: torch.full_like(v, math.log(1e-3)) for k, v in params.items()},
+                     train, val)  # fmt: skip
+    fns["hand"] = baselines.handwritten_run(digits, hypersteps, 10, shape["neumann_hvps"] + 1, shape["alpha"])
     log(f"Betty vs ours: digits, MLP 64-50-10, {hypersteps} hypersteps")
     samples = timing.interleaved(fns, cfg.rounds, cfg.min_time)
     value = timing.ratio(samples, lambda t: t["betty"], lambda t: t["ours"])
     return record(
         value,
         f"Betty {version} time / ours, {hypersteps} × (10 Adam steps + Neumann with 5 HVPs), digits MLP 64-50-10",
-        "≥ 1.0",
-        value >= 1.0,
+        "≥ 1.2",
+        value >= 1.2,
         task=shape,
         ms=timing.ms(samples),
+        betty_over_hand=timing.ratio(samples, lambda t: t["betty"], lambda t: t["hand"]),
+        ours_over_hand=timing.ratio(samples, lambda t: t["ours"], lambda t: t["hand"]),
     )
 
 

@@ -258,3 +258,28 @@ def test_a_mini_batch_of_example_weights_reaches_only_its_examples():
     assert set(moved.tolist()) <= set(idx.tolist()) and len(moved) > 0
     assert math.isfinite(float(opt.hparams["logits"].sum()))
 
+
+
+def test_the_fused_per_tensor_decay_passes_pytorchs_derivative_checks():
+    """The one-node decay (a custom autograd.Function) against finite differences: gradcheck (first
+    derivatives, forward mode included), gradgradcheck (second), at a zero tensor too; batched double
+    backward (Nyström's products) equals single products; torch.func.vmap over it works."""
+    from bilevel._hyperparams import _PerTensorDecay
+
+    g = torch.Generator().manual_seed(0)
+    lam = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_()
+    w = [torch.randn(2, 3, generator=g, dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
+         torch.randn(5, generator=g, dtype=torch.float64)]  # fmt: skip
+    w = [t.requires_grad_() for t in w]
+    assert torch.autograd.gradcheck(_PerTensorDecay.apply, (lam, *w), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(_PerTensorDecay.apply, (lam, *w))
+    grads = torch.autograd.grad(_PerTensorDecay.apply(lam, *w), w, create_graph=True)
+    vs = [torch.randn(4, *t.shape, generator=g, dtype=torch.float64) for t in w]
+    batched = torch.autograd.grad(grads, w, vs, retain_graph=True, is_grads_batched=True)
+    for k in range(4):
+        single = torch.autograd.grad(grads, w, [v[k] for v in vs], retain_graph=True)
+        assert all(torch.allclose(b[k], s, rtol=0, atol=1e-14) for b, s in zip(batched, single))
+    rows = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    per_row = torch.func.vmap(lambda r: _PerTensorDecay.apply(lam.detach(), r, w[1].detach(), w[2].detach()))(rows)
+    expected = 0.5 * lam.detach().exp()[0] * (rows**2).sum(1) + 0.5 * lam.detach().exp()[2] * (w[2].detach() ** 2).sum()
+    assert torch.allclose(per_row, expected, rtol=1e-14, atol=0)
