@@ -10,9 +10,12 @@ Here the rules users reach for — torchopt's ``sgd`` (momentum, Nesterov, dampe
 ``adam`` and ``adamw`` — are read off the chain torchopt built (its members and their closure
 constants) and replayed as the very operations torchopt runs, in its order, with each operation's
 output written into the spare set (``torch.mul(mu, b1, out=spare_mu)`` instead of a copy followed
-by ``mu.mul_(b1)``) and its temporaries into two scratch vectors the update owns. The same kernels
-on the same inputs give the same bits: the caller accepts this path only after two updates of
-random gradients match torchopt's out-of-place update bitwise, and falls back to the copy otherwise
+by ``mu.mul_(b1)``) and its temporaries into the spare weight vector (written last, as w + u) and
+one work vector the update owns (so the update keeps one weight-sized vector more than torchopt's
+state). The same kernels on the same inputs give the same bits: the caller accepts this path only
+after three updates of random gradients match torchopt's out-of-place update bitwise (the 2 ms it
+now takes in isolation on that MLP, against torch.optim's 1.5 ms, is torchopt's 11 elementwise passes
+against torch.optim's 7), and falls back to the copy otherwise
 (an unknown member, a mask, a schedule, an accelerated op, a new torchopt). The gradient is only
 read, never written: autograd may hand back an expanded or shared tensor.
 """
@@ -28,10 +31,12 @@ from torch import Tensor
 
 
 class _Scratch:
-    """Two work vectors; the update ``u`` being built is the gradient (read-only) or one of them."""
+    """Two work vectors, ``a`` the spare weights (written last, as w + u: an elementwise ``out=`` may be
+    its own input) and ``b`` one vector the update owns; the update ``u`` being built is the gradient
+    (read-only), a state tensor (read-only) or one of the two."""
 
-    def __init__(self, like: Tensor) -> None:
-        self.a, self.b = torch.empty_like(like), torch.empty_like(like)
+    def __init__(self, a: Tensor, b: Tensor) -> None:
+        self.a, self.b = a, b
 
     def owns(self, u: Tensor) -> bool:
         return u is self.a or u is self.b
@@ -160,7 +165,7 @@ class FusedUpdate:
 
     def __init__(self, members: Sequence[_Member], chained: bool) -> None:
         self.members, self.chained = tuple(members), chained
-        self._scratch: _Scratch | None = None
+        self._work: Tensor | None = None
 
     @classmethod
     def recognise(cls, transformation: Any) -> FusedUpdate | None:
@@ -180,11 +185,13 @@ class FusedUpdate:
     ) -> tuple[Tensor, Any]:
         """(w + update(grad), the new state), the weights and moments written into ``spare_w`` and
         ``spare_state``; ``grad``, ``state`` and ``w`` are only read."""
-        if self._scratch is None or self._scratch.a.shape != w.shape or self._scratch.a.dtype != w.dtype:
-            self._scratch = _Scratch(w)
+        work = self._work
+        if work is None or work.shape != w.shape or work.dtype != w.dtype or work.device != w.device:
+            work = self._work = torch.empty_like(w)
+        scratch = _Scratch(spare_w, work)
         subs, spares = (state, spare_state) if self.chained else ((state,), (spare_state,))
         u, new = grad, []
         for member, sub, spare in zip(self.members, subs, spares):
-            u, sub = member(u, sub, spare, w, started, self._scratch)
+            u, sub = member(u, sub, spare, w, started, scratch)
             new.append(sub)
         return torch.add(w, u, out=spare_w), (type(state)(new) if self.chained else new[0])
