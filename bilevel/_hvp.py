@@ -138,7 +138,7 @@ class _Operator(abc.ABC):
         """H v."""
         self.hvps += 1
         with explained(f"{self.mode} (Hessian-vector products)"):
-            return self._hvp(tuple(v))
+            return _tree.writable(self._hvp(tuple(v)))
 
     @abc.abstractmethod
     def _hvp(self, v: Leaves) -> list[Tensor]: ...
@@ -147,7 +147,7 @@ class _Operator(abc.ABC):
         """H v_i for k vectors at once: each leaf of ``vs`` has a leading dimension k (counts k HVPs)."""
         self.hvps += vs[0].shape[0]
         with explained(f"{self.mode} (Hessian-vector products)"):
-            return self._hvp_batched(tuple(vs))
+            return _tree.writable(self._hvp_batched(tuple(vs)))
 
     def _hvp_batched(self, vs: Leaves) -> list[Tensor]:
         """One product after the other; modes with a batched product override this."""
@@ -157,7 +157,7 @@ class _Operator(abc.ABC):
     def mixed_vjp(self, x: Sequence[Tensor]) -> list[Tensor]:
         """(∂²L_T/∂w∂λᵀ)ᵀ x, shaped like the hparams."""
         with explained(f"{self.mode} (the mixed product ∂²L_T/∂w∂λ)"):
-            return self._mixed_vjp(tuple(x))
+            return _tree.writable(self._mixed_vjp(tuple(x)))
 
     @abc.abstractmethod
     def _mixed_vjp(self, x: Leaves) -> list[Tensor]: ...

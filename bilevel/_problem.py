@@ -263,7 +263,7 @@ class Problem:
                 out, new_state = self.evaluate(loss, piece, inputs[0], inputs[1], state if chain_state else s, seed)
                 state = new_state
                 found = torch.autograd.grad(out, wanted, allow_unused=True)
-                grads = [torch.zeros_like(t) if g is None else g for g, t in zip(found, wanted)]
+                grads = _tree.writable([torch.zeros_like(t) if g is None else g for g, t in zip(found, wanted)])
                 if value is None and coef == 1.0:
                     total, value = grads, out.detach()
                 elif value is None:

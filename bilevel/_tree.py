@@ -80,6 +80,13 @@ def scale(x: Sequence[Tensor], alpha: float | Tensor) -> list[Tensor]:
     return list(torch._foreach_mul(list(x), alpha))
 
 
+def writable(x: Sequence[Tensor]) -> list[Tensor]:
+    """``x`` with every tensor whose elements share memory (autograd's expanded, stride-0 gradients of a
+    tensor used through a sum or a broadcast) replaced by a dense copy, so that in-place updates of the
+    results (CG's damping term, the average over micro-batches) can write into them."""
+    return [t.contiguous() if any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)) else t for t in x]
+
+
 def vdot(x: Sequence[Tensor], y: Sequence[Tensor]) -> Tensor:
     """Real inner product sum_i <x_i, y_i> as a 0-dim tensor (no host sync)."""
     return sum(torch.vdot(a.reshape(-1), b.reshape(-1)) for a, b in zip(x, y))  # type: ignore[return-value]

@@ -369,3 +369,54 @@ def test_cg_residual_on_request_is_the_true_residual():
     true = ((problem.hessian() + 0.1 * torch.eye(7)) @ x - problem.val_grad_w()).norm()
     torch.testing.assert_close(info.residual, true, atol=1e-12, rtol=1e-9)
     torch.testing.assert_close(free.residual, true, atol=1e-12, rtol=1e-6)  # float64: the recursion is accurate
+
+
+# A parameter that enters the loss only through a sum (a shared offset): autograd hands back its
+# gradient and its Hessian-vector products as expanded, stride-0 tensors, which an in-place update
+# (CG's damping term, the average over micro-batches) cannot write into.
+def _offset_problem():
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(40, 3, generator=g), torch.randn(40, generator=g)
+    Xv, yv = torch.randn(30, 3, generator=g), torch.randn(30, generator=g)
+
+    def train_loss(p, h, b):
+        return ((b[0] @ p["w"] + p["b"].sum() - b[1]) ** 2).mean() + bilevel.weight_decay(p, {"w": h["h"]})
+
+    def val_loss(p, h, b):
+        return ((b[0] @ p["w"] + p["b"].sum() - b[1]) ** 2).mean()
+
+    params = {"w": torch.tensor([0.3, -0.2, 0.1]), "b": torch.tensor([0.05, -0.02])}
+    return train_loss, val_loss, params, {"h": torch.tensor(-1.0)}, (X, y), (Xv, yv)
+
+
+def _offset_reference(damping):
+    """dL_V/dh = −(∂²L_T/∂h∂w)ᵀ (H + δI)⁻¹ ∂L_V/∂w from the quadratic's matrices, written out: with
+    A = [X, 1, 1] the model is A θ, H = 2AᵀA/n + diag(e^h, e^h, e^h, 0, 0) and ∂²L_T/∂h∂w = e^h (w, 0, 0)."""
+    _, _, params, hparams, (X, y), (Xv, yv) = _offset_problem()
+    theta = torch.cat([params["w"], params["b"]])
+    A, Av = (torch.cat([M, torch.ones(len(M), 2)], 1) for M in (X, Xv))
+    e = hparams["h"].exp()
+    H = 2 * A.T @ A / len(y) + torch.diag(torch.cat([e.repeat(3), torch.zeros(2)])) + damping * torch.eye(5)
+    grad_val = 2 * Av.T @ (Av @ theta - yv) / len(yv)
+    mixed = e * torch.cat([params["w"], torch.zeros(2)])
+    # (the two offsets enter as one sum: H is singular along b₁ − b₂ without damping, a direction that
+    # ∂L_V/∂w and the mixed term have no part in, so the pseudo-inverse gives the limit of the series)
+    return -(mixed @ torch.linalg.pinv(H) @ grad_val)
+
+
+@pytest.mark.parametrize("micro", [False, True])
+@pytest.mark.parametrize(
+    "strategy",
+    [bilevel.ConjugateGradient(maxiter=50, tol=1e-12, damping=0.5), bilevel.Exact(damping=0.5),
+     bilevel.Neumann(steps=400, alpha=0.1)],
+    ids=lambda s: s.name,
+)
+def test_a_parameter_used_through_a_sum_works_with_damping_and_micro_batches(strategy, micro):
+    train_loss, val_loss, params, hparams, train, val = _offset_problem()
+    if micro:  # two halves, equal weights: the same mean
+        train = bilevel.MicroBatches([(train[0][:20], train[1][:20]), (train[0][20:], train[1][20:])])
+        val = bilevel.MicroBatches([(val[0][:15], val[1][:15]), (val[0][15:], val[1][15:])])
+    grads, info = bilevel.hypergradient(train_loss, val_loss, params, hparams, train, val, strategy=strategy)
+    expected = _offset_reference(getattr(strategy, "damping", 0.0))
+    assert info.failure is None
+    assert torch.allclose(grads["h"], expected, rtol=1e-8, atol=0), (grads["h"], expected)
