@@ -263,12 +263,13 @@ class Problem:
                 out, new_state = self.evaluate(loss, piece, inputs[0], inputs[1], state if chain_state else s, seed)
                 state = new_state
                 found = torch.autograd.grad(out, wanted, allow_unused=True)
-                grads = _tree.writable([torch.zeros_like(t) if g is None else g for g, t in zip(found, wanted)])
+                grads = [torch.zeros_like(t) if g is None else g for g, t in zip(found, wanted)]
                 if value is None and coef == 1.0:
                     total, value = grads, out.detach()
                 elif value is None:
                     total, value = _tree.scale(grads, coef), coef * out.detach()
-                else:
+                else:  # (autograd's gradient of a tensor used through a sum is expanded: not writable)
+                    total = _tree.writable(total)
                     _tree.add_(total, grads, coef)
                     value = value + coef * out.detach()
         assert value is not None  # parts() is never empty
@@ -284,6 +285,7 @@ class Problem:
             state = tuple(averaged)
         if flat is not None and argnums == (0,):
             return [[_tree.ravel(total)]], value, state
+        total = _tree.writable(total)
         split, start = [], 0
         for i in argnums:
             split.append(list(total[start : start + len(inputs[i])]))
