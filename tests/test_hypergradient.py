@@ -408,8 +408,10 @@ def _offset_reference(damping):
 @pytest.mark.parametrize(
     "strategy",
     [bilevel.ConjugateGradient(maxiter=50, tol=1e-12, damping=0.5), bilevel.Exact(damping=0.5),
-     bilevel.Neumann(steps=400, alpha=0.1)],
-    ids=lambda s: s.name,
+     bilevel.Neumann(steps=400, alpha=0.1),
+     bilevel.ConjugateGradient(maxiter=50, tol=1e-12, damping=0.5, hvp=bilevel.ForwardOverReverseHVP()),
+     bilevel.ConjugateGradient(maxiter=50, tol=1e-12, damping=0.5, hvp=bilevel.FiniteDifferenceHVP())],
+    ids=["cg", "exact", "neumann", "cg-forward-over-reverse", "cg-finite-differences"],
 )
 def test_a_parameter_used_through_a_sum_works_with_damping_and_micro_batches(strategy, micro):
     train_loss, val_loss, params, hparams, train, val = _offset_problem()
