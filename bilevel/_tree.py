@@ -84,7 +84,11 @@ def writable(x: Sequence[Tensor]) -> list[Tensor]:
     """``x`` with every tensor whose elements share memory (autograd's expanded, stride-0 gradients of a
     tensor used through a sum or a broadcast) replaced by a dense copy, so that in-place updates of the
     results (CG's damping term, the average over micro-batches) can write into them."""
-    return [t.contiguous() if any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)) else t for t in x]
+    return [t if t.is_contiguous() or not _overlaps(t) else t.contiguous() for t in x]
+
+
+def _overlaps(t: Tensor) -> bool:
+    return any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape))
 
 
 def vdot(x: Sequence[Tensor], y: Sequence[Tensor]) -> Tensor:
