@@ -62,7 +62,7 @@ class InnerUpdate:
         seed = _random.derive(run.seed, _random.INNER, run.steps)  # inner step k always draws the same numbers
         (grads,), loss, s = problem.value_and_grad(
             problem.train_loss, batch, run.w, run.h, (0,), run.s, seed, chain_state=True,
-            flat=flat if run.w_flat is not None else None,
+            concatenated=flat is not None and run.w_flat is not None,
         )  # fmt: skip
         vector: Tensor | None = None
         if flat is not None and run.w_flat is not None:

@@ -19,7 +19,7 @@ from torch import Tensor
 from bilevel import _random, _tree
 from bilevel._distributed import DataParallel, coefficients, parts
 from bilevel._hvp import HVP, FiniteDifferenceHVP, MeanOperator, ReducedOperator, _Operator
-from bilevel._tree import Flat, Leaves
+from bilevel._tree import Leaves
 
 Loss = Callable[..., Any]  # (params, hparams, batch[, state]) -> scalar or (scalar, new_state)
 
@@ -231,7 +231,7 @@ class Problem:
         seed: int | None = None,
         *,
         chain_state: bool = False,
-        flat: Flat | None = None,
+        concatenated: bool = False,
     ) -> tuple[list[list[Tensor]], Tensor, Leaves]:
         """Gradients of ``loss`` w.r.t. the leaves in ``argnums`` (0: params, 1: hparams), its value and
         the new model state, averaged over micro-batches and, when data-parallel, over ranks.
@@ -241,8 +241,8 @@ class Problem:
         over ranks in the same all-reduce as the gradient. Otherwise every micro-batch sees ``s`` and the
         state that comes back is the last micro-batch's.
 
-        With ``flat`` (the layout of the params' concatenation), the gradient comes back as one vector:
-        ``[[vector]]`` for argnums ``(0,)``.
+        With ``concatenated`` (argnums ``(0,)`` only), the gradient comes back as one vector, the params'
+        gradients concatenated: ``[[vector]]``.
 
         Plain autograd (one forward, one backward per micro-batch): ``torch.func.grad_and_value`` gives
         the same numbers with more dispatch overhead per call, which shows on small models.
@@ -283,7 +283,7 @@ class Problem:
             for i, t in zip(floating, reduced[len(total) + 1 :]):
                 averaged[i] = t
             state = tuple(averaged)
-        if flat is not None and argnums == (0,):
+        if concatenated and argnums == (0,):
             return [[_tree.ravel(total)]], value, state
         total = _tree.writable(total)
         split, start = [], 0
